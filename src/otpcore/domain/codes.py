@@ -1,0 +1,62 @@
+"""One-time codes: generation, keyed digests and the limits around them."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+import msgspec
+
+from otpcore.domain.ports import Limit
+
+DEFAULT_SMS_TEMPLATE = "Your sign-in code is {code}. It expires in {minutes} min."
+
+
+class CodePolicy(msgspec.Struct, frozen=True, kw_only=True):
+    # Key of the HMAC that codes are stored under; never stored beside them.
+    secret: bytes
+    length: int = 6
+    charset: str = "0123456789"
+    ttl: int = 120
+    max_attempts: int = 5
+    sends_per_window: int = 3
+    send_window: int = 600
+    failures_per_window: int = 10
+    failure_window: int = 3600
+    # E.164 number -> fixed code: nothing is sent and the send limit does not apply.
+    test_codes: dict[str, str] = msgspec.field(default_factory=dict)
+    sms_template: str = DEFAULT_SMS_TEMPLATE
+
+    def __post_init__(self) -> None:
+        if not 4 <= self.length <= 10:
+            raise ValueError("OTP_LENGTH must be between 4 and 10")
+        if len(set(self.charset)) < 2:
+            raise ValueError("OTP_CODE_CHARSET needs at least two distinct characters")
+        if len(self.secret) < 16:
+            raise ValueError("the code HMAC key must be at least 16 bytes")
+
+    def generate(self) -> str:
+        return "".join(secrets.choice(self.charset) for _ in range(self.length))
+
+    def digest(self, phone: str, code: str) -> bytes:
+        # Binding the number in means a digest is worthless for any other number.
+        return hmac.new(self.secret, f"{phone}\x00{code}".encode(), hashlib.sha256).digest()
+
+    def send_limit(self, phone: str) -> Limit:
+        return Limit(
+            key=f"send:{phone}", requests=self.sends_per_window, window=self.send_window, name="otp"
+        )
+
+    def failure_budget(self, phone: str) -> Limit:
+        return Limit(
+            key=f"fail:{phone}",
+            requests=self.failures_per_window,
+            window=self.failure_window,
+            name="otp_verify",
+        )
+
+    def message(self, code: str) -> str:
+        # Plain replacement, not str.format: the template is text, never a format program.
+        minutes = str(max(1, self.ttl // 60))
+        return self.sms_template.replace("{code}", code).replace("{minutes}", minutes)

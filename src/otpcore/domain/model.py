@@ -1,0 +1,112 @@
+"""Entities and value rules: users, roles, phone numbers, names, search pages."""
+
+from __future__ import annotations
+
+import enum
+import unicodedata
+from datetime import datetime
+
+import msgspec
+import phonenumbers
+
+from otpcore.domain.errors import InvalidPhoneNumber, ValidationError
+
+NAME_MAX = 100
+
+
+class Role(enum.StrEnum):
+    USER = "user"
+    ADMIN = "admin"
+
+
+class User(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    phone_number: str
+    name: str
+    role: Role
+    is_active: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+class UserPage(msgspec.Struct, frozen=True, kw_only=True):
+    users: list[User]
+    total: int
+    offset: int
+    limit: int
+    next_after_id: int | None = None
+
+
+class PhonePolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """How raw input becomes an E.164 number, and where codes may go."""
+
+    # Configured test numbers need only be well-formed: they are often fictitious (+1 555 01xx).
+    test_numbers: frozenset[str] = frozenset()
+    allowed_countries: frozenset[str] = frozenset()
+
+    def normalize(self, raw: str) -> str:
+        """Return the E.164 form of ``raw`` or raise InvalidPhoneNumber."""
+        if not isinstance(raw, str) or not raw.strip() or len(raw) > 64:
+            raise InvalidPhoneNumber(
+                "phone number must be an international number like +14155550123"
+            )
+        try:
+            parsed = phonenumbers.parse(raw, None)
+        except phonenumbers.NumberParseException as exc:
+            raise InvalidPhoneNumber(
+                "phone number must be an international number like +14155550123"
+            ) from exc
+        e164 = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+        if e164 in self.test_numbers:
+            return e164
+        if not phonenumbers.is_valid_number(parsed):
+            raise InvalidPhoneNumber("phone number is not a valid number")
+        if self.allowed_countries:
+            region = phonenumbers.region_code_for_number(parsed)
+            if region not in self.allowed_countries:
+                raise InvalidPhoneNumber("codes cannot be sent to this country")
+        return e164
+
+    @staticmethod
+    def country_of(e164: str) -> str:
+        """ISO region of a normalised number ("ZZ" when unknown), for per-country budgets."""
+        try:
+            return phonenumbers.region_code_for_number(phonenumbers.parse(e164, None)) or "ZZ"
+        except phonenumbers.NumberParseException:
+            return "ZZ"
+
+
+def well_formed_e164(raw: str) -> str:
+    """Normalise a configured number (test or admin list) without the validity check."""
+    try:
+        parsed = phonenumbers.parse(raw.strip(), None)
+    except phonenumbers.NumberParseException as exc:
+        raise ValueError(f"not an E.164 phone number: {raw!r}") from exc
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+# Characters that render as nothing or reorder text; refused so a name shows what it stores.
+_INVISIBLE_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+# Joiners are format characters too, but emoji sequences and Persian/Indic scripts need them.
+_ALLOWED_JOINERS = {"\u200c", "\u200d"}
+
+
+def clean_name(raw: str | None, *, required: bool) -> str:
+    """Trim a display name and check it: 1-100 characters, or empty when not ``required``."""
+    if raw is None:
+        if required:
+            raise ValidationError("name: is required")
+        return ""
+    name = unicodedata.normalize("NFC", raw).strip()
+    if not name:
+        if required:
+            raise ValidationError("name: must be 1 to 100 characters after trimming")
+        return ""
+    if len(name) > NAME_MAX:
+        raise ValidationError("name: must be at most 100 characters")
+    if any(
+        unicodedata.category(ch) in _INVISIBLE_CATEGORIES and ch not in _ALLOWED_JOINERS
+        for ch in name
+    ):
+        raise ValidationError("name: must not contain control or invisible characters")
+    return name

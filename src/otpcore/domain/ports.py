@@ -1,0 +1,182 @@
+"""The ports: what the domain needs from the outside world, as async Protocols.
+
+Each port has an in-memory adapter in ``otpcore.adapters.memory`` and production adapters
+elsewhere; one contract suite (tests/contract) runs against all of them.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Protocol
+
+import msgspec
+
+from otpcore.domain.events import Event
+from otpcore.domain.model import Role, User
+
+
+class Limit(msgspec.Struct, frozen=True, kw_only=True):
+    """At most ``requests`` accepted for ``key`` in any interval of ``window`` seconds."""
+
+    key: str
+    requests: int
+    window: float
+    # What the limit protects ("otp", "global", "auth", "user"): a metrics label.
+    name: str = ""
+
+
+class RateDecision(msgspec.Struct, frozen=True, kw_only=True):
+    allowed: bool
+    limit: int
+    remaining: int
+    # Whole seconds until the oldest accepted request leaves the window (a slot frees up).
+    reset_after: int
+    name: str = ""
+
+
+class CodeOutcome(enum.Enum):
+    ACCEPTED = "accepted"  # matched; the code is gone
+    WRONG = "wrong"  # mismatch, counted against the code and the number
+    BURNED = "burned"  # the code used up its attempts
+    LOCKED = "locked"  # the number used up its failure budget
+    MISSING = "missing"  # never sent, expired or already used
+
+
+class CodeCheck(msgspec.Struct, frozen=True, kw_only=True):
+    outcome: CodeOutcome
+    attempts_remaining: int = 0
+    retry_after: int = 0
+
+
+class RateLimiter(Protocol):
+    async def hit(self, limits: Sequence[Limit]) -> list[RateDecision]:
+        """Count one request against every limit, all or nothing.
+
+        The request is accepted (and recorded in every window) only if each limit has room;
+        otherwise nothing is recorded. One decision per limit, in order.
+        """
+        ...
+
+    async def ping(self) -> None: ...
+
+
+class CodeStore(Protocol):
+    async def issue(
+        self, phone: str, digest: bytes, *, ttl: float, max_attempts: int, send_limit: Limit | None
+    ) -> RateDecision | None:
+        """Replace the number's code with ``digest`` if ``send_limit`` has room, atomically.
+
+        Returns the send-limit decision (None when no limit applies); when it is not allowed
+        the previous code stays as it was.
+        """
+        ...
+
+    async def check(self, phone: str, digest: bytes, *, failure_budget: Limit) -> CodeCheck:
+        """Compare ``digest`` with the live code of ``phone``, atomically.
+
+        A match deletes the code (single use). A mismatch counts one attempt against the code
+        and one failure against the number's ``failure_budget``; past either the code cannot
+        be used.
+        """
+        ...
+
+    async def ping(self) -> None: ...
+
+
+class UserRepo(Protocol):
+    async def get(self, user_id: int) -> User | None: ...
+
+    async def get_by_phone(self, phone: str) -> User | None: ...
+
+    async def get_or_create(self, phone: str, *, name: str, role: Role) -> tuple[User, bool]:
+        """The user of ``phone``, created if absent; concurrent calls create exactly one."""
+        ...
+
+    async def update(
+        self,
+        user_id: int,
+        *,
+        name: str | None = None,
+        role: Role | None = None,
+        is_active: bool | None = None,
+    ) -> User | None:
+        """Change the given fields (and ``updated_at``); None when there is no such user."""
+        ...
+
+    async def search(
+        self, query: str, *, offset: int, limit: int, after_id: int | None
+    ) -> tuple[list[User], int]:
+        """Users whose name contains ``query`` (case-insensitive) or whose phone contains it.
+
+        The query is a literal substring: no wildcards. Ordered by id; with ``after_id`` only
+        ids above it. Returns the page and the number of all matches.
+        """
+        ...
+
+    async def ping(self) -> None: ...
+
+
+class Session(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    user_id: int
+    created_at: datetime
+    expires_at: datetime
+    revoked: bool = False
+
+
+class RotationOutcome(enum.Enum):
+    ROTATED = "rotated"
+    REUSED = "reused"  # an already-rotated token: the whole session is now revoked
+    INVALID = "invalid"  # unknown, expired, or its session is revoked
+
+
+class Rotation(msgspec.Struct, frozen=True, kw_only=True):
+    outcome: RotationOutcome
+    session: Session | None = None
+
+
+class SessionStore(Protocol):
+    """Refresh-token sessions. Tokens arrive already hashed; nothing here sees a raw token."""
+
+    async def create(
+        self,
+        session_id: str,
+        user_id: int,
+        token_hash: bytes,
+        *,
+        now: datetime,
+        expires_at: datetime,
+    ) -> Session: ...
+
+    async def rotate(
+        self, token_hash: bytes, new_hash: bytes, *, now: datetime, expires_at: datetime
+    ) -> Rotation:
+        """Swap the session's current token for ``new_hash``, atomically.
+
+        Presenting a token that was already rotated revokes the session (reuse detection).
+        """
+        ...
+
+    async def find(self, token_hash: bytes) -> Session | None:
+        """The session a token (current or rotated) belongs to."""
+        ...
+
+    async def get(self, session_id: str) -> Session | None: ...
+
+    async def revoke(self, session_id: str) -> bool: ...
+
+    async def ping(self) -> None: ...
+
+
+class EventBus(Protocol):
+    async def publish(self, event: Event) -> None: ...
+
+    async def ping(self) -> None: ...
+
+
+class CodeSender(Protocol):
+    async def send(self, phone: str, code: str, message: str) -> None:
+        """Deliver ``message`` (which holds ``code``) to ``phone``; raise on failure."""
+        ...

@@ -1,0 +1,123 @@
+"""Access tokens (JWT, ``typ: at+jwt``) and opaque refresh tokens.
+
+JWTs go through joserfc, authlib's JOSE implementation (``authlib.jose`` is deprecated in
+its favour). Decoding pins the one configured algorithm and checks iss, aud and exp.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from typing import Any
+
+import msgspec
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import ECKey, Key, OctKey, OKPKey, RSAKey
+
+from otpcore.domain.errors import InvalidToken
+from otpcore.domain.model import Role, User
+
+ACCESS_TOKEN_TYPE = "at+jwt"
+_ASYMMETRIC: dict[str, type[Key]] = {"EdDSA": OKPKey, "ES256": ECKey, "RS256": RSAKey}
+SUPPORTED_ALGORITHMS = ("HS256", *_ASYMMETRIC)
+
+
+class AccessClaims(msgspec.Struct, frozen=True, kw_only=True):
+    sub: str
+    role: Role
+    sid: str
+    jti: str
+    iat: int
+    exp: int
+    iss: str
+    aud: str
+
+    @property
+    def user_id(self) -> int:
+        return int(self.sub)
+
+
+class TokenKeys:
+    """The signing key of one algorithm, and its public half for the JWKS document."""
+
+    def __init__(self, algorithm: str, *, secret: str = "", private_key_pem: bytes = b"") -> None:
+        if algorithm not in SUPPORTED_ALGORITHMS:
+            raise ValueError(f"JWT_ALGORITHM must be one of {', '.join(SUPPORTED_ALGORITHMS)}")
+        self.algorithm = algorithm
+        self.key: Key
+        if algorithm == "HS256":
+            if not secret:
+                raise ValueError("JWT_SECRET is required with HS256")
+            self.key = OctKey.import_key(secret.encode())
+        else:
+            if not private_key_pem:
+                raise ValueError(f"JWT_PRIVATE_KEY_FILE is required with {algorithm}")
+            key = _ASYMMETRIC[algorithm].import_key(private_key_pem)
+            key.ensure_kid()
+            self.key = key
+
+    @property
+    def kid(self) -> str | None:
+        return None if self.algorithm == "HS256" else self.key.kid
+
+    def jwks(self) -> dict[str, Any]:
+        if self.algorithm == "HS256":
+            return {"keys": []}
+        public = self.key.as_dict(private=False)
+        public.update({"use": "sig", "alg": self.algorithm})
+        return {"keys": [public]}
+
+
+class TokenService:
+    def __init__(
+        self, keys: TokenKeys, *, issuer: str, audience: str, access_ttl: int, refresh_ttl: int
+    ) -> None:
+        self.keys = keys
+        self.issuer = issuer
+        self.audience = audience
+        self.access_ttl = access_ttl
+        self.refresh_ttl = refresh_ttl
+        self._registry = jwt.JWTClaimsRegistry(
+            iss={"essential": True, "value": issuer},
+            aud={"essential": True, "value": audience},
+            exp={"essential": True},
+            sub={"essential": True},
+            sid={"essential": True},
+        )
+
+    def issue_access(self, user: User, session_id: str, now: int) -> str:
+        header: dict[str, Any] = {"alg": self.keys.algorithm, "typ": ACCESS_TOKEN_TYPE}
+        if self.keys.kid:
+            header["kid"] = self.keys.kid
+        claims = {
+            "iss": self.issuer,
+            "aud": self.audience,
+            "sub": str(user.id),
+            "role": user.role.value,
+            "sid": session_id,
+            "iat": now,
+            "exp": now + self.access_ttl,
+            "jti": uuid.uuid4().hex,
+        }
+        return jwt.encode(header, claims, self.keys.key, algorithms=[self.keys.algorithm])
+
+    def decode_access(self, token: str) -> AccessClaims:
+        try:
+            decoded = jwt.decode(token, self.keys.key, algorithms=[self.keys.algorithm])
+            if decoded.header.get("typ") != ACCESS_TOKEN_TYPE:
+                raise InvalidToken("token is not an access token")
+            self._registry.validate(decoded.claims)
+            return msgspec.convert(decoded.claims, AccessClaims)
+        except (JoseError, ValueError, TypeError, msgspec.ValidationError) as exc:
+            raise InvalidToken() from exc
+
+    @staticmethod
+    def new_refresh_token() -> str:
+        return secrets.token_urlsafe(32)  # 256 bits
+
+    @staticmethod
+    def hash_refresh_token(token: str) -> bytes:
+        # The token is 256 random bits: a plain hash cannot be reversed or guessed.
+        return hashlib.sha256(token.encode()).digest()
