@@ -284,3 +284,16 @@ class MemoryEventBus:
 
     async def ping(self) -> None:
         return None
+
+
+class MemoryCodeSender:
+    """Keeps what it was asked to send, so an embedding service's tests can read codes back."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, str]] = []
+
+    async def send(self, phone: str, code: str, message: str) -> None:
+        self.sent.append((phone, code, message))
+
+    def last_code(self, phone: str) -> str:
+        return next(code for to, code, _ in reversed(self.sent) if to == phone)

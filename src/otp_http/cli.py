@@ -1,0 +1,128 @@
+"""The ``otp-server`` command: serve, migrate, users, openapi."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from otp_http.app import create_app
+from otp_http.logs import configure_logging
+from otpcore import Core, Role, Settings, SettingsError, build_core
+from otpcore.domain.errors import OtpError
+
+
+def app_from_env() -> object:
+    """uvicorn's factory: one app per worker process, configured from the environment."""
+    settings = Settings.from_env()
+    configure_logging(settings.log_level, settings.log_format)
+    return create_app(settings=settings)
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        sys.exit(f"otp-server: configuration error: {exc}")
+
+
+def serve(args: argparse.Namespace) -> None:
+    settings = _settings()
+    configure_logging(settings.log_level, settings.log_format)
+    if args.workers > 1 and not settings.uses_redis:
+        sys.exit(
+            "otp-server: --workers > 1 needs REDIS_URL: without Redis, codes and rate limits "
+            "live in each process's memory, so limits would be per process and a code sent "
+            "through one worker could not be verified through another."
+        )
+    if not settings.jwt_secret:
+        # Development: one random secret shared by every worker, valid until this stops.
+        settings = settings.with_dev_secret()
+        os.environ["JWT_SECRET"] = settings.jwt_secret
+        print("otp-server: JWT_SECRET not set; using a random one until exit", file=sys.stderr)
+    if settings.should_migrate_on_start:
+        asyncio.run(_with_core(settings, lambda core: core.migrate()))
+    uvicorn.run(
+        "otp_http.cli:app_from_env",
+        factory=True,
+        host=args.host or settings.server_host,
+        port=args.port or settings.server_port,
+        workers=args.workers,
+        log_config=None,
+        # Client IPs come from TRUSTED_PROXIES only, never from uvicorn's own header rewriting.
+        proxy_headers=False,
+        server_header=False,
+    )
+
+
+async def _with_core(settings: Settings, action):  # type: ignore[no-untyped-def]
+    core = build_core(settings)
+    try:
+        return await action(core)
+    finally:
+        await core.aclose()
+
+
+def migrate(_: argparse.Namespace) -> None:
+    settings = _settings()
+    configure_logging(settings.log_level, "text")
+    applied = asyncio.run(_with_core(settings.with_dev_secret(), lambda core: core.migrate()))
+    print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
+
+
+def set_role(args: argparse.Namespace) -> None:
+    settings = _settings().with_dev_secret()
+
+    async def grant(core: Core) -> str:
+        await core.migrate() if settings.should_migrate_on_start else None
+        user = await core.users.set_role(args.phone, Role(args.role))
+        return f"user {user.id} ({user.phone_number}) is now {user.role.value}"
+
+    try:
+        print(asyncio.run(_with_core(settings, grant)))
+    except OtpError as exc:
+        sys.exit(f"otp-server: {exc.message}")
+
+
+def openapi(_: argparse.Namespace) -> None:
+    settings = Settings(db_provider="memory", jwt_secret="openapi-document-only-" + "x" * 16)
+    from otp_http.app import create_litestar
+    from otp_http.metrics import Metrics
+
+    app = create_litestar(build_core(settings), Metrics())
+    print(json.dumps(app.openapi_schema.to_schema(), indent=2))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="otp-server", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("serve", help="run the HTTP service")
+    p.add_argument("--host", default=None, help="bind address (default SERVER_HOST, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default SERVER_PORT, 8080)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (more than 1 needs Redis)")
+    p.set_defaults(run=serve)
+
+    p = commands.add_parser("migrate", help="apply pending database migrations")
+    p.set_defaults(run=migrate)
+
+    users = commands.add_parser("users", help="manage users").add_subparsers(dest="action", required=True)
+    p = users.add_parser("set-role", help="grant a role to a phone number")
+    p.add_argument("phone")
+    p.add_argument("role", choices=[r.value for r in Role])
+    p.set_defaults(run=set_role)
+
+    p = commands.add_parser("openapi", help="print the OpenAPI document")
+    p.set_defaults(run=openapi)
+
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

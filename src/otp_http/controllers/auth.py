@@ -1,0 +1,58 @@
+"""Sign-in: send a code, verify it, refresh and log out."""
+
+from __future__ import annotations
+
+from litestar import Controller, Request, post
+from litestar.di import Provide
+from litestar.status_codes import HTTP_200_OK, HTTP_204_NO_CONTENT
+
+from otp_http.guards import provide_principal, requires_user
+from otp_http.middleware import DECISIONS
+from otp_http.schemas import (
+    LogoutRequest,
+    RefreshRequest,
+    SendOtpRequest,
+    SendOtpResponse,
+    TokenResponse,
+    VerifyOtpRequest,
+)
+from otpcore import Core, Principal
+from otpcore.domain.errors import RateLimitExceeded
+
+
+class AuthController(Controller):
+    path = "/api/v1/auth"
+    tags = ["auth"]
+
+    @post("/send-otp", status_code=HTTP_200_OK)
+    async def send_otp(self, request: Request, core: Core, data: SendOtpRequest) -> SendOtpResponse:
+        try:
+            sent = await core.auth.send_code(data.phone_number)
+        except RateLimitExceeded as exc:
+            request.state[DECISIONS].append(exc.decision)
+            raise
+        if sent.decision is not None:
+            request.state[DECISIONS].append(sent.decision)
+        return SendOtpResponse(
+            message="OTP sent successfully", phone_number=sent.phone_number, expires_in=sent.expires_in
+        )
+
+    @post("/verify-otp", status_code=HTTP_200_OK)
+    async def verify_otp(self, core: Core, data: VerifyOtpRequest) -> TokenResponse:
+        result = await core.auth.verify_code(data.phone_number, data.otp_code, name=data.name)
+        return TokenResponse.of(result)
+
+    @post("/refresh", status_code=HTTP_200_OK)
+    async def refresh(self, core: Core, data: RefreshRequest) -> TokenResponse:
+        return TokenResponse.of(await core.auth.refresh(data.refresh_token))
+
+    @post(
+        "/logout",
+        status_code=HTTP_204_NO_CONTENT,
+        guards=[requires_user],
+        dependencies={"principal": Provide(provide_principal)},
+    )
+    async def logout(
+        self, core: Core, principal: Principal, data: LogoutRequest | None = None
+    ) -> None:
+        await core.auth.logout(principal, data.refresh_token if data else None)

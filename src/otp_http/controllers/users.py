@@ -1,0 +1,67 @@
+"""Profiles for every signed-in user; search and administration for admins."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from litestar import Controller, get, patch, put
+from litestar.di import Provide
+from litestar.params import Parameter
+
+from otp_http.guards import provide_principal, requires_admin, requires_user
+from otp_http.schemas import AdminUserUpdate, ProfileUpdate, UserList, UserOut
+from otpcore import Core, Principal
+
+# Bounds that keep numbers inside what every store can index (64-bit signed ids).
+MAX_ID = 2**63 - 1
+
+
+class ProfileController(Controller):
+    path = "/api/v1/users/profile"
+    tags = ["users"]
+    guards = [requires_user]
+    dependencies = {"principal": Provide(provide_principal)}
+
+    @get("/")
+    async def profile(self, principal: Principal) -> UserOut:
+        return UserOut.of(principal.user)
+
+    @put("/")
+    async def update_profile(self, core: Core, principal: Principal, data: ProfileUpdate) -> UserOut:
+        return UserOut.of(await core.users.rename(principal.user.id, data.name))
+
+
+class AdminUsersController(Controller):
+    path = "/api/v1/users"
+    tags = ["admin"]
+    guards = [requires_admin]
+    dependencies = {"principal": Provide(provide_principal)}
+
+    @get("/search")
+    async def search(
+        self,
+        core: Core,
+        principal: Principal,
+        # "query" is Litestar's name for the whole query string, hence the alias.
+        text: Annotated[str, Parameter(query="query", max_length=100)] = "",
+        offset: Annotated[int, Parameter(ge=0, le=1_000_000_000)] = 0,
+        limit: Annotated[int, Parameter(ge=1, le=100)] = 10,
+        after_id: Annotated[int | None, Parameter(ge=0, le=MAX_ID)] = None,
+    ) -> UserList:
+        page = await core.users.search(
+            principal.user, text, offset=offset, limit=limit, after_id=after_id
+        )
+        return UserList.of(page)
+
+    @get("/{user_id:int}")
+    async def get_user(self, core: Core, user_id: int) -> UserOut:
+        return UserOut.of(await core.users.get(user_id))
+
+    @patch("/{user_id:int}")
+    async def update_user(
+        self, core: Core, principal: Principal, user_id: int, data: AdminUserUpdate
+    ) -> UserOut:
+        user = await core.users.administer(
+            principal.user, user_id, role=data.role, is_active=data.is_active, name=data.name
+        )
+        return UserOut.of(user)

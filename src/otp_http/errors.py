@@ -1,0 +1,100 @@
+"""Every failure becomes ``{"error": code, "message": text}``: one table, one place.
+
+Domain errors map by class; framework errors (404, 405, 413, bad JSON, validation) by kind;
+anything else is a 500 ``internal_error`` with nothing of the cause in the body.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from litestar import Request, Response
+from litestar.exceptions import (
+    HTTPException,
+    MethodNotAllowedException,
+    NotFoundException,
+    ValidationException,
+)
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
+
+from otp_http.schemas import ErrorBody
+from otpcore.domain import errors as e
+
+log = logging.getLogger("otp_http.errors")
+
+STATUS: dict[type[e.OtpError], int] = {
+    e.InvalidPhoneNumber: 400,
+    e.InvalidOtp: 400,
+    e.OtpExpired: 400,
+    e.ValidationError: 400,
+    e.AuthorizationRequired: 401,
+    e.InvalidToken: 401,
+    e.Forbidden: 403,
+    e.UserInactive: 403,
+    e.NotFound: 404,
+    e.TooManyAttempts: 429,
+    e.RateLimitExceeded: 429,
+    e.ServiceUnavailable: 503,
+}
+
+_MISSING_FIELD = re.compile(r"missing required field `(\w+)`")
+
+
+def error_response(status: int, code: str, message: str, **extra: object) -> Response[ErrorBody]:
+    body = ErrorBody(error=code, message=message, **extra)  # type: ignore[arg-type]
+    headers = {"Retry-After": str(extra["retry_after"])} if extra.get("retry_after") else None
+    return Response(body, status_code=status, headers=headers)
+
+
+def domain_error(_: Request, exc: e.OtpError) -> Response[ErrorBody]:
+    status = next((s for cls, s in STATUS.items() if isinstance(exc, cls)), 500)
+    if status == 500:
+        return internal_error(_, exc)
+    return error_response(status, exc.code, exc.message, **exc.details)
+
+
+def http_error(_: Request, exc: HTTPException) -> Response[ErrorBody]:
+    if isinstance(exc, ValidationException):
+        return error_response(400, "validation_error", _validation_message(exc))
+    if isinstance(exc, NotFoundException):
+        return error_response(404, "not_found", "no such resource")
+    if isinstance(exc, MethodNotAllowedException):
+        return error_response(405, "method_not_allowed", "method not allowed on this resource")
+    if isinstance(exc, RequestEntityTooLarge):
+        return error_response(413, "payload_too_large", "request body is larger than 16 KiB")
+    if exc.status_code == 400:
+        # A plain 400 from the framework is a body it could not decode.
+        return error_response(400, "invalid_request", "request body is not valid JSON")
+    if exc.status_code >= 500:
+        return internal_error(_, exc)
+    return error_response(exc.status_code, "invalid_request", str(exc.detail))
+
+
+def internal_error(request: Request, exc: Exception) -> Response[ErrorBody]:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal_error", "internal server error")
+
+
+def _validation_message(exc: ValidationException) -> str:
+    """Name the field: "phone_number: Expected `str`, got `int`"."""
+    problems = exc.extra if isinstance(exc.extra, list) else []
+    parts = []
+    for problem in problems:
+        if not isinstance(problem, dict):
+            continue
+        message = str(problem.get("message", "invalid value"))
+        missing = _MISSING_FIELD.search(message)
+        if missing:
+            parts.append(f"{missing.group(1)}: is required")
+        else:
+            key = problem.get("key") or "body"
+            parts.append(f"{'body' if key == 'data' else key}: {message}")
+    return "; ".join(parts) or str(exc.detail)
+
+
+EXCEPTION_HANDLERS = {
+    e.OtpError: domain_error,
+    HTTPException: http_error,
+    Exception: internal_error,
+}

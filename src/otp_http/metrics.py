@@ -1,0 +1,87 @@
+"""Metrics through the OpenTelemetry SDK, exposed in Prometheus text by its exporter.
+
+Each app owns its registry, so several apps in one process (tests) never mix their counts.
+"""
+
+from __future__ import annotations
+
+import time
+
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.sdk.metrics import MeterProvider
+from prometheus_client import CollectorRegistry, generate_latest
+
+
+# Routes whose outcome is an OTP operation: template -> operation label.
+_OTP_OPERATIONS = {
+    "/api/v1/auth/send-otp": "generate",
+    "/api/v1/auth/verify-otp": "verify",
+}
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.reader = PrometheusMetricReader(disable_target_info=True, registry=self.registry)
+        self.provider = MeterProvider(metric_readers=[self.reader])
+        meter = self.provider.get_meter("otp-server")
+        self.requests = meter.create_counter(
+            "http_requests", description="Total number of HTTP requests"
+        )
+        self.duration = meter.create_histogram(
+            "http_request_duration_seconds", unit="s", description="HTTP request duration"
+        )
+        self.otp_operations = meter.create_counter(
+            "otp_operations", description="Total number of OTP operations"
+        )
+        self.rate_limited = meter.create_counter(
+            "rate_limit_exceeded", description="Total number of rate limit violations"
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def shutdown(self) -> None:
+        self.provider.shutdown()
+
+
+class MetricsMiddleware:
+    """Counts every response by method, route template and status (outermost layer)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            self._record(scope, status, time.perf_counter() - started)
+
+    def _record(self, scope: Scope, status: int, elapsed: float) -> None:
+        # Unmatched paths share one label so scanners cannot blow up the cardinality.
+        path = scope.get("path_template") or "unmatched"
+        labels = {"method": scope["method"], "path": path, "status_code": str(status)}
+        self.metrics.requests.add(1, labels)
+        self.metrics.duration.record(elapsed, {"method": scope["method"], "path": path})
+        operation = _OTP_OPERATIONS.get(path)
+        if operation and status != 429:
+            self.metrics.otp_operations.add(
+                1, {"operation": operation, "success": str(status < 400).lower()}
+            )
+        limited = scope.get("state", {}).get("rate_limited")
+        if limited:
+            self.metrics.rate_limited.add(1, {"endpoint_type": limited})

@@ -1,0 +1,194 @@
+"""The outer ASGI layer: client IP, request id, per-IP rate limits and their headers.
+
+It wraps the whole Litestar app (not app-level middleware) so that every response, router
+404/405s included, carries the request id and the rate-limit headers.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import uuid
+from collections.abc import Iterable
+
+import msgspec
+from litestar.datastructures import MutableScopeHeaders
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from otp_http.logs import request_id_var
+from otpcore.domain.ports import Limit, RateDecision, RateLimiter
+from otpcore.domain.errors import ServiceUnavailable
+from otpcore.settings import Settings
+
+# Handlers append decisions (e.g. send-otp's per-number limit) here, in scope["state"].
+DECISIONS = "rate_decisions"
+CLIENT_IP = "client_ip"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_UNLIMITED_PREFIXES = ("/health",)
+
+
+class ClientIp:
+    """The socket peer, or the first untrusted hop of X-Forwarded-For behind trusted proxies."""
+
+    def __init__(self, trusted: Iterable[str]) -> None:
+        self.trusted = [ipaddress.ip_network(net, strict=False) for net in trusted]
+
+    def _is_trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.trusted)
+
+    def __call__(self, scope: Scope) -> str:
+        client = scope.get("client")
+        peer = client[0] if client else "unknown"
+        if not self.trusted or not self._is_trusted(peer):
+            return peer
+        forwarded = [
+            value.decode("latin-1")
+            for name, value in scope.get("headers", ())
+            if name == b"x-forwarded-for"
+        ]
+        hops = [h.strip() for h in ",".join(forwarded).split(",") if h.strip()]
+        for hop in reversed(hops):
+            if not self._is_trusted(hop):
+                return hop if _is_ip(hop) else peer
+        return hops[0] if hops and _is_ip(hops[0]) else peer
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+class EdgeMiddleware:
+    def __init__(
+        self, app: ASGIApp, *, limiter: RateLimiter, settings: Settings, metrics_path: str
+    ) -> None:
+        self.app = app
+        self.limiter = limiter
+        self.settings = settings
+        self.client_ip = ClientIp(settings.trusted_proxy_networks)
+        self.exempt = (*_UNLIMITED_PREFIXES, metrics_path)
+
+    def limits_for(self, path: str, ip: str) -> list[Limit]:
+        s = self.settings
+        if path.startswith(self.exempt):
+            return []
+        limits = [
+            Limit(
+                key=f"ip:global:{ip}",
+                requests=s.rate_limit_global_requests,
+                window=s.rate_limit_global_duration,
+                name="global",
+            )
+        ]
+        if path.startswith("/api/v1/auth/"):
+            limits.append(
+                Limit(
+                    key=f"ip:auth:{ip}",
+                    requests=s.rate_limit_auth_requests,
+                    window=s.rate_limit_auth_duration,
+                    name="auth",
+                )
+            )
+        elif path.startswith("/api/v1/users/"):
+            limits.append(
+                Limit(
+                    key=f"ip:user:{ip}",
+                    requests=s.rate_limit_user_requests,
+                    window=s.rate_limit_user_duration,
+                    name="user",
+                )
+            )
+        return limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _incoming_request_id(scope) or uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        state = scope.setdefault("state", {})
+        ip = self.client_ip(scope)
+        state[CLIENT_IP] = ip
+        decisions: list[RateDecision] = state.setdefault(DECISIONS, [])
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableScopeHeaders.from_message(message)
+                headers["X-Request-ID"] = request_id
+                _rate_headers(headers, decisions)
+            await send(message)
+
+        try:
+            limits = self.limits_for(scope["path"], ip)
+            if limits:
+                try:
+                    decisions.extend(await self.limiter.hit(limits))
+                except ServiceUnavailable:
+                    await _reply(send_with_headers, 503, "service_unavailable", "rate limiter unavailable")
+                    return
+                if not decisions[-1].allowed:
+                    full = _shown(decisions)
+                    state["rate_limited"] = full.name
+                    await _reply(
+                        send_with_headers,
+                        429,
+                        "rate_limit_exceeded",
+                        f"too many requests. Limit: {full.limit} per {full.name} window. "
+                        f"Try again in {full.reset_after}s.",
+                    )
+                    return
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            request_id_var.reset(token)
+
+
+def _incoming_request_id(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            return text if _REQUEST_ID.match(text) else None
+    return None
+
+
+def _shown(decisions: list[RateDecision]) -> RateDecision:
+    """The limit the headers describe: a refusing one if any, else the fewest remaining."""
+    refused = [d for d in decisions if not d.allowed]
+    return min(refused or decisions, key=lambda d: (d.remaining, -d.reset_after))
+
+
+def _rate_headers(headers: MutableScopeHeaders, decisions: list[RateDecision]) -> None:
+    if not decisions:
+        return
+    shown = _shown(decisions)
+    refused = not shown.allowed
+    headers["X-RateLimit-Limit"] = str(shown.limit)
+    headers["X-RateLimit-Remaining"] = str(0 if refused else shown.remaining)
+    headers["X-RateLimit-Reset"] = str(shown.reset_after)
+    if refused:
+        headers["Retry-After"] = str(max(1, shown.reset_after))
+        headers["X-RateLimit-Exceeded"] = "true"
+
+
+_encode = msgspec.json.encode
+
+
+async def _reply(send: Send, status: int, code: str, message: str) -> None:
+    body = _encode({"error": code, "message": message})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
