@@ -32,7 +32,12 @@ async def _metrics_text(request: Request) -> Response[bytes]:
 def create_litestar(core: Core, metrics: Metrics) -> Litestar:
     """The Litestar app alone (routes, errors, OpenAPI), without the outer ASGI layers."""
     settings = core.settings
-    handlers: list[object] = [AuthController, ProfileController, AdminUsersController, SystemController]
+    handlers: list[object] = [
+        AuthController,
+        ProfileController,
+        AdminUsersController,
+        SystemController,
+    ]
     if settings.metrics_enabled:
         handlers.append(get(settings.metrics_endpoint, tags=["system"])(_metrics_text))
 

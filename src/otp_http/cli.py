@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+import msgspec
 import uvicorn
 
 from otp_http.app import create_app
@@ -71,7 +72,9 @@ async def _with_core(settings: Settings, action):  # type: ignore[no-untyped-def
 def migrate(_: argparse.Namespace) -> None:
     settings = _settings()
     configure_logging(settings.log_level, "text")
-    applied = asyncio.run(_with_core(settings.with_dev_secret(), lambda core: core.migrate()))
+    # Not lazily on first use: this command reports what it applied.
+    settings = msgspec.structs.replace(settings, migrate_on_start=False).with_dev_secret()
+    applied = asyncio.run(_with_core(settings, lambda core: core.migrate()))
     print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
 
 

@@ -12,7 +12,6 @@ from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from prometheus_client import CollectorRegistry, generate_latest
 
-
 # Routes whose outcome is an OTP operation: template -> operation label.
 _OTP_OPERATIONS = {
     "/api/v1/auth/send-otp": "generate",
@@ -26,9 +25,7 @@ class Metrics:
         self.reader = PrometheusMetricReader(disable_target_info=True, registry=self.registry)
         self.provider = MeterProvider(metric_readers=[self.reader])
         meter = self.provider.get_meter("otp-server")
-        self.requests = meter.create_counter(
-            "http_requests", description="Total number of HTTP requests"
-        )
+        self.requests = meter.create_counter("http_requests", description="Total number of HTTP requests")
         self.duration = meter.create_histogram(
             "http_request_duration_seconds", unit="s", description="HTTP request duration"
         )
@@ -79,9 +76,7 @@ class MetricsMiddleware:
         self.metrics.duration.record(elapsed, {"method": scope["method"], "path": path})
         operation = _OTP_OPERATIONS.get(path)
         if operation and status != 429:
-            self.metrics.otp_operations.add(
-                1, {"operation": operation, "success": str(status < 400).lower()}
-            )
+            self.metrics.otp_operations.add(1, {"operation": operation, "success": str(status < 400).lower()})
         limited = scope.get("state", {}).get("rate_limited")
         if limited:
             self.metrics.rate_limited.add(1, {"endpoint_type": limited})

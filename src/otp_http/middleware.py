@@ -16,8 +16,8 @@ from litestar.datastructures import MutableScopeHeaders
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from otp_http.logs import request_id_var
-from otpcore.domain.ports import Limit, RateDecision, RateLimiter
 from otpcore.domain.errors import ServiceUnavailable
+from otpcore.domain.ports import Limit, RateDecision, RateLimiter
 from otpcore.settings import Settings
 
 # Handlers append decisions (e.g. send-otp's per-number limit) here, in scope["state"].
@@ -46,9 +46,7 @@ class ClientIp:
         if not self.trusted or not self._is_trusted(peer):
             return peer
         forwarded = [
-            value.decode("latin-1")
-            for name, value in scope.get("headers", ())
-            if name == b"x-forwarded-for"
+            value.decode("latin-1") for name, value in scope.get("headers", ()) if name == b"x-forwarded-for"
         ]
         hops = [h.strip() for h in ",".join(forwarded).split(",") if h.strip()]
         for hop in reversed(hops):
@@ -66,9 +64,7 @@ def _is_ip(text: str) -> bool:
 
 
 class EdgeMiddleware:
-    def __init__(
-        self, app: ASGIApp, *, limiter: RateLimiter, settings: Settings, metrics_path: str
-    ) -> None:
+    def __init__(self, app: ASGIApp, *, limiter: RateLimiter, settings: Settings, metrics_path: str) -> None:
         self.app = app
         self.limiter = limiter
         self.settings = settings

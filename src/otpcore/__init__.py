@@ -1,10 +1,10 @@
 """otpcore: phone-number one-time-code sign-in as a library.
 
-    from otpcore import Settings, build_core
+from otpcore import Settings, build_core
 
-    core = build_core(Settings(db_provider="memory"))
-    await core.auth.send_code("+1 415 555 0123")
-    result = await core.auth.verify_code("+14155550123", code, name="Ada")
+core = build_core(Settings(db_provider="memory"))
+await core.auth.send_code("+1 415 555 0123")
+result = await core.auth.verify_code("+14155550123", code, name="Ada")
 """
 
 from otpcore.container import Core, build_core

@@ -25,7 +25,7 @@ from otpcore.domain.codes import CodePolicy
 from otpcore.domain.model import PhonePolicy
 from otpcore.domain.services import AuthService, UserService
 from otpcore.domain.tokens import TokenKeys, TokenService
-from otpcore.settings import Settings
+from otpcore.settings import Settings, SettingsError
 
 
 def _code_policy(settings: Settings) -> CodePolicy:
@@ -152,7 +152,11 @@ def build_core(settings: Settings | None = None, **overrides: object) -> Core:
 
     ``overrides`` replace providers by name, e.g. ``code_sender=MySender()``.
     """
-    container = Container(settings=(settings or Settings.from_env()).with_dev_secret())
+    settings = settings or Settings.from_env()
+    if settings.storage == "postgres" or settings.uses_redis:
+        # Refuse rather than silently fall back to per-process memory stores.
+        raise SettingsError("PostgreSQL and Redis adapters are not part of this build yet")
+    container = Container(settings=settings.with_dev_secret())
     for name, value in overrides.items():
         getattr(container, name).override(providers.Object(value))
     return Core(container)

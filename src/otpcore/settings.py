@@ -71,7 +71,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     postgres_host: str = "localhost"
     postgres_port: int = 5432
     postgres_user: str = "otp_server_user"
-    postgres_password: str = "otp_server_password"
+    postgres_password: str = "otp_server_password"  # noqa: S105 - the seed's local default
     postgres_db: str = "otp_server_db"
     postgres_ssl_mode: str = "disable"
     db_max_open_conns: int = 25

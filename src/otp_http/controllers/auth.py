@@ -34,7 +34,9 @@ class AuthController(Controller):
         if sent.decision is not None:
             request.state[DECISIONS].append(sent.decision)
         return SendOtpResponse(
-            message="OTP sent successfully", phone_number=sent.phone_number, expires_in=sent.expires_in
+            message="OTP sent successfully",
+            phone_number=sent.phone_number,
+            expires_in=sent.expires_in,
         )
 
     @post("/verify-otp", status_code=HTTP_200_OK)
@@ -52,7 +54,5 @@ class AuthController(Controller):
         guards=[requires_user],
         dependencies={"principal": Provide(provide_principal)},
     )
-    async def logout(
-        self, core: Core, principal: Principal, data: LogoutRequest | None = None
-    ) -> None:
+    async def logout(self, core: Core, principal: Principal, data: LogoutRequest | None = None) -> None:
         await core.auth.logout(principal, data.refresh_token if data else None)

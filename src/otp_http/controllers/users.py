@@ -48,9 +48,7 @@ class AdminUsersController(Controller):
         limit: Annotated[int, Parameter(ge=1, le=100)] = 10,
         after_id: Annotated[int | None, Parameter(ge=0, le=MAX_ID)] = None,
     ) -> UserList:
-        page = await core.users.search(
-            principal.user, text, offset=offset, limit=limit, after_id=after_id
-        )
+        page = await core.users.search(principal.user, text, offset=offset, limit=limit, after_id=after_id)
         return UserList.of(page)
 
     @get("/{user_id:int}")

@@ -54,10 +54,7 @@ class SlidingLog:
         if allowed and record:
             for log in logs:
                 log.append(now)
-        return [
-            self._decision(limit, log, now, allowed)
-            for limit, log in zip(limits, logs, strict=True)
-        ]
+        return [self._decision(limit, log, now, allowed) for limit, log in zip(limits, logs, strict=True)]
 
     @staticmethod
     def _decision(limit: Limit, log: deque[float], now: float, allowed: bool) -> RateDecision:

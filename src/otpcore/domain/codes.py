@@ -44,9 +44,7 @@ class CodePolicy(msgspec.Struct, frozen=True, kw_only=True):
         return hmac.new(self.secret, f"{phone}\x00{code}".encode(), hashlib.sha256).digest()
 
     def send_limit(self, phone: str) -> Limit:
-        return Limit(
-            key=f"send:{phone}", requests=self.sends_per_window, window=self.send_window, name="otp"
-        )
+        return Limit(key=f"send:{phone}", requests=self.sends_per_window, window=self.send_window, name="otp")
 
     def failure_budget(self, phone: str) -> Limit:
         return Limit(

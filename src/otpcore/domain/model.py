@@ -47,9 +47,7 @@ class PhonePolicy(msgspec.Struct, frozen=True, kw_only=True):
     def normalize(self, raw: str) -> str:
         """Return the E.164 form of ``raw`` or raise InvalidPhoneNumber."""
         if not isinstance(raw, str) or not raw.strip() or len(raw) > 64:
-            raise InvalidPhoneNumber(
-                "phone number must be an international number like +14155550123"
-            )
+            raise InvalidPhoneNumber("phone number must be an international number like +14155550123")
         try:
             parsed = phonenumbers.parse(raw, None)
         except phonenumbers.NumberParseException as exc:
@@ -104,9 +102,6 @@ def clean_name(raw: str | None, *, required: bool) -> str:
         return ""
     if len(name) > NAME_MAX:
         raise ValidationError("name: must be at most 100 characters")
-    if any(
-        unicodedata.category(ch) in _INVISIBLE_CATEGORIES and ch not in _ALLOWED_JOINERS
-        for ch in name
-    ):
+    if any(unicodedata.category(ch) in _INVISIBLE_CATEGORIES and ch not in _ALLOWED_JOINERS for ch in name):
         raise ValidationError("name: must not contain control or invisible characters")
     return name

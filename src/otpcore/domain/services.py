@@ -60,7 +60,7 @@ class AuthResult(msgspec.Struct, frozen=True, kw_only=True):
     access_token: str
     refresh_token: str
     expires_in: int
-    token_type: str = "Bearer"
+    token_type: str = "Bearer"  # noqa: S105 - the scheme name
     created: bool = False
 
 
@@ -161,9 +161,7 @@ class AuthService:
         if self._deliveries:
             await asyncio.gather(*self._deliveries, return_exceptions=True)
 
-    async def verify_code(
-        self, phone_number: str, code: str, name: str | None = None
-    ) -> AuthResult:
+    async def verify_code(self, phone_number: str, code: str, name: str | None = None) -> AuthResult:
         phone = self.phones.normalize(phone_number)
         candidate = code.strip() if isinstance(code, str) else ""
         if not candidate or len(candidate) > CODE_INPUT_MAX:
@@ -185,16 +183,12 @@ class AuthService:
             raise UserInactive()
         await self._publish(ev.OTP_VERIFIED, phone_number=phone, user_id=user.id)
         if created:
-            await self._publish(
-                ev.USER_CREATED, user_id=user.id, phone_number=phone, role=user.role.value
-            )
+            await self._publish(ev.USER_CREATED, user_id=user.id, phone_number=phone, role=user.role.value)
         result = await self._open_session(user)
         await self._publish(ev.USER_AUTHENTICATED, user_id=user.id, phone_number=phone)
         return msgspec.structs.replace(result, created=created)
 
-    async def _refuse(
-        self, phone: str, outcome: CodeOutcome, remaining: int, retry_after: int
-    ) -> None:
+    async def _refuse(self, phone: str, outcome: CodeOutcome, remaining: int, retry_after: int) -> None:
         if outcome is CodeOutcome.MISSING:
             await self._publish(ev.OTP_EXPIRED, phone_number=phone)
             raise OtpExpired()
@@ -349,9 +343,7 @@ class UserService:
             raise ValidationError("query: must be at most 100 characters")
         users, total = await self.users.search(query, offset=offset, limit=limit, after_id=after_id)
         next_after_id = users[-1].id if len(users) == limit else None
-        return UserPage(
-            users=users, total=total, offset=offset, limit=limit, next_after_id=next_after_id
-        )
+        return UserPage(users=users, total=total, offset=offset, limit=limit, next_after_id=next_after_id)
 
     async def set_role(self, phone_number: str, role: Role) -> User:
         """Grant a role by phone number (the CLI); creates the user if it never signed in."""

@@ -19,7 +19,7 @@ from joserfc.jwk import ECKey, Key, OctKey, OKPKey, RSAKey
 from otpcore.domain.errors import InvalidToken
 from otpcore.domain.model import Role, User
 
-ACCESS_TOKEN_TYPE = "at+jwt"
+ACCESS_TOKEN_TYPE = "at+jwt"  # noqa: S105 - a JWT type, not a secret
 _ASYMMETRIC: dict[str, type[Key]] = {"EdDSA": OKPKey, "ES256": ECKey, "RS256": RSAKey}
 SUPPORTED_ALGORITHMS = ("HS256", *_ASYMMETRIC)
 

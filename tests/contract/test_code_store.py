@@ -1,0 +1,131 @@
+"""CodeStore contract: single-use codes, attempts, send limits and the per-number budget."""
+
+from __future__ import annotations
+
+import asyncio
+
+from otpcore.domain.ports import CodeOutcome, Limit
+
+PHONE = "+14155550123"
+TTL = 120.0
+RIGHT, WRONG = b"right-digest", b"wrong-digest"
+BUDGET = Limit(key=f"fail:{PHONE}", requests=100, window=3600.0, name="failures")
+
+
+async def _issue(store, digest=RIGHT, *, max_attempts=5, send_limit=None, ttl=TTL):
+    return await store.issue(PHONE, digest, ttl=ttl, max_attempts=max_attempts, send_limit=send_limit)
+
+
+async def _check(store, digest=RIGHT, budget=BUDGET):
+    return await store.check(PHONE, digest, failure_budget=budget)
+
+
+async def test_right_code_is_accepted_once(code_store):
+    assert await _issue(code_store) is None  # no send limit, no decision
+    assert (await _check(code_store)).outcome is CodeOutcome.ACCEPTED
+    assert (await _check(code_store)).outcome is CodeOutcome.MISSING
+
+
+async def test_never_sent_is_missing(code_store):
+    assert (await _check(code_store)).outcome is CodeOutcome.MISSING
+
+
+async def test_codes_are_per_number(code_store):
+    await _issue(code_store)
+    other = await code_store.check("+14155550124", RIGHT, failure_budget=BUDGET)
+    assert other.outcome is CodeOutcome.MISSING
+    assert (await _check(code_store)).outcome is CodeOutcome.ACCEPTED
+
+
+async def test_concurrent_checks_accept_once(code_store):
+    await _issue(code_store)
+    results = await asyncio.gather(*(_check(code_store) for _ in range(10)))
+    outcomes = [r.outcome for r in results]
+    assert outcomes.count(CodeOutcome.ACCEPTED) == 1
+    assert outcomes.count(CodeOutcome.MISSING) == 9
+
+
+async def test_wrong_codes_burn_the_code(code_store):
+    await _issue(code_store, max_attempts=3)
+    first = await _check(code_store, WRONG)
+    assert (first.outcome, first.attempts_remaining) == (CodeOutcome.WRONG, 2)
+    second = await _check(code_store, WRONG)
+    assert (second.outcome, second.attempts_remaining) == (CodeOutcome.WRONG, 1)
+    assert (await _check(code_store, WRONG)).outcome is CodeOutcome.BURNED
+    # Burned means burned: even the right code fails until a new one is sent.
+    assert (await _check(code_store)).outcome is CodeOutcome.BURNED
+    await _issue(code_store)
+    assert (await _check(code_store)).outcome is CodeOutcome.ACCEPTED
+
+
+async def test_expired_code_is_missing(code_store, clock):
+    await _issue(code_store)
+    clock.advance(TTL - 1)
+    assert (await _check(code_store, WRONG)).outcome is CodeOutcome.WRONG
+    clock.advance(1.5)
+    assert (await _check(code_store)).outcome is CodeOutcome.MISSING
+
+
+async def test_new_code_replaces_the_old_and_resets_attempts(code_store):
+    await _issue(code_store, b"old", max_attempts=3)
+    assert (await _check(code_store, WRONG)).attempts_remaining == 2
+    await _issue(code_store, b"new", max_attempts=3)
+    assert (await _check(code_store, WRONG)).attempts_remaining == 2
+    replaced = await _check(code_store, b"old")
+    assert (replaced.outcome, replaced.attempts_remaining) == (CodeOutcome.WRONG, 1)
+    assert (await _check(code_store, b"new")).outcome is CodeOutcome.ACCEPTED
+
+
+async def test_send_limit_keeps_the_previous_code(code_store):
+    limit = Limit(key=f"send:{PHONE}", requests=3, window=600.0, name="otp")
+    decisions = [await _issue(code_store, b"code%d" % i, send_limit=limit) for i in range(4)]
+    assert [d.allowed for d in decisions] == [True, True, True, False]
+    assert [d.remaining for d in decisions] == [2, 1, 0, 0]
+    assert decisions[3].reset_after > 0
+    # The refused send did not replace the code sent before it.
+    assert (await _check(code_store, b"code3")).outcome is CodeOutcome.WRONG
+    assert (await _check(code_store, b"code2")).outcome is CodeOutcome.ACCEPTED
+
+
+async def test_send_limit_window_slides(code_store, clock):
+    limit = Limit(key=f"send:{PHONE}", requests=3, window=600.0, name="otp")
+    for _ in range(3):
+        assert (await _issue(code_store, send_limit=limit)).allowed
+        clock.advance(100)
+    assert not (await _issue(code_store, send_limit=limit)).allowed
+    clock.advance(300.5)  # the first send is now more than 600 s old
+    assert (await _issue(code_store, send_limit=limit)).allowed
+
+
+async def test_concurrent_sends_respect_the_limit(code_store):
+    limit = Limit(key=f"send:{PHONE}", requests=3, window=600.0, name="otp")
+    decisions = await asyncio.gather(
+        *(_issue(code_store, b"code%d" % i, send_limit=limit) for i in range(20))
+    )
+    assert sum(d.allowed for d in decisions) == 3
+
+
+async def test_failure_budget_locks_the_number_across_resends(code_store, clock):
+    budget = Limit(key=f"fail:{PHONE}", requests=10, window=3600.0, name="failures")
+    outcomes = []
+    for _ in range(2):
+        await _issue(code_store, max_attempts=5)
+        outcomes += [(await _check(code_store, WRONG, budget)).outcome for _ in range(5)]
+    assert outcomes[:4] == [CodeOutcome.WRONG] * 4
+    assert outcomes[4] is CodeOutcome.BURNED
+    assert outcomes[5:9] == [CodeOutcome.WRONG] * 4
+    assert outcomes[9] is CodeOutcome.LOCKED  # the tenth failure spends the budget
+
+    # Resending buys no more guesses: even the right code is refused while locked.
+    await _issue(code_store, max_attempts=5)
+    locked = await _check(code_store, RIGHT, budget)
+    assert locked.outcome is CodeOutcome.LOCKED
+    assert 0 < locked.retry_after <= 3600
+
+    clock.advance(3600.5)
+    await _issue(code_store, max_attempts=5)
+    assert (await _check(code_store, RIGHT, budget)).outcome is CodeOutcome.ACCEPTED
+
+
+async def test_ping(code_store):
+    await code_store.ping()
