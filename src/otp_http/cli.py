@@ -7,7 +7,8 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import msgspec
 import uvicorn
@@ -16,6 +17,8 @@ from otp_http.app import create_app
 from otp_http.logs import configure_logging
 from otpcore import Core, Role, Settings, SettingsError, build_core
 from otpcore.domain.errors import OtpError
+
+T = TypeVar("T")
 
 
 def app_from_env() -> object:
@@ -61,7 +64,7 @@ def serve(args: argparse.Namespace) -> None:
     )
 
 
-async def _with_core(settings: Settings, action):  # type: ignore[no-untyped-def]
+async def _with_core(settings: Settings, action: Callable[[Core], Awaitable[T]]) -> T:
     core = build_core(settings)
     try:
         return await action(core)

@@ -17,7 +17,7 @@ _PRINCIPAL = "principal"
 
 
 def core_of(connection: ASGIConnection) -> Core:
-    return connection.app.state.core  # type: ignore[no-any-return]
+    return connection.app.state.core
 
 
 def bearer_token(connection: ASGIConnection) -> str:
@@ -39,7 +39,7 @@ async def requires_admin(connection: ASGIConnection, handler: BaseRouteHandler) 
 
 
 async def provide_principal(request: Request) -> Principal:
-    return request.state[_PRINCIPAL]  # type: ignore[no-any-return]
+    return request.state[_PRINCIPAL]
 
 
 async def provide_core(request: Request) -> Core:

@@ -6,12 +6,14 @@ Each app owns its registry, so several apps in one process (tests) never mix the
 from __future__ import annotations
 
 import time
+from typing import cast
 
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from prometheus_client import CollectorRegistry, generate_latest
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Routes whose outcome is an OTP operation: template -> operation label.
 _OTP_OPERATIONS = {
     "/api/v1/auth/send-otp": "generate",
@@ -66,14 +68,15 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, record_status)
         finally:
-            self._record(scope, status, time.perf_counter() - started)
+            self._record(cast("HTTPScope", scope), status, time.perf_counter() - started)
 
-    def _record(self, scope: Scope, status: int, elapsed: float) -> None:
-        # Unmatched paths share one label so scanners cannot blow up the cardinality.
+    def _record(self, scope: HTTPScope, status: int, elapsed: float) -> None:
+        # Unmatched paths and unknown methods share one label each, so scanners cannot blow up
+        # the cardinality.
         path = scope.get("path_template") or "unmatched"
-        labels = {"method": scope["method"], "path": path, "status_code": str(status)}
-        self.metrics.requests.add(1, labels)
-        self.metrics.duration.record(elapsed, {"method": scope["method"], "path": path})
+        method = scope["method"] if scope["method"] in _METHODS else "OTHER"
+        self.metrics.requests.add(1, {"method": method, "path": path, "status_code": str(status)})
+        self.metrics.duration.record(elapsed, {"method": method, "path": path})
         operation = _OTP_OPERATIONS.get(path)
         if operation and status != 429:
             self.metrics.otp_operations.add(1, {"operation": operation, "success": str(status < 400).lower()})

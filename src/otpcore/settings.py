@@ -114,14 +114,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     otp_test_phone_numbers: str = ""
     otp_test_phone_numbers_valid_until: str = ""
     otp_allowed_countries: str = ""
-    otp_country_hourly_limit: int = 0
     otp_admin_phone_numbers: str = ""
-    sms_webhook_url: str = ""
     events_enabled: bool = True
     events_redis_channel: str = "events"
     events_batch_size: int = 100
     events_flush_interval: int = 5
-    events_webhook_url: str = ""
     rate_limit_global_requests: int = 100
     rate_limit_global_duration: int = 60
     rate_limit_auth_requests: int = 20
