@@ -73,6 +73,14 @@ def create_litestar(core: Core, metrics: Metrics) -> Litestar:
 def create_app(core: Core | None = None, settings: Settings | None = None) -> ASGIApp:
     """The whole ASGI app: metrics around client IP, request id and rate limits around Litestar."""
     core = core or build_core(settings)
+    test_numbers = core.auth.policy.test_codes
+    if test_numbers:
+        until = core.settings.test_numbers_valid_until or "no expiry date"
+        log.warning(
+            "test phone numbers active (%d, until %s): they sign in with a fixed code",
+            len(test_numbers),
+            until,
+        )
     metrics = Metrics()
     app = create_litestar(core, metrics)
     edge = EdgeMiddleware(

@@ -11,9 +11,7 @@ from litestar.params import Parameter
 from otp_http.guards import provide_principal, requires_admin, requires_user
 from otp_http.schemas import AdminUserUpdate, ProfileUpdate, UserList, UserOut
 from otpcore import Core, Principal
-
-# Bounds that keep numbers inside what every store can index (64-bit signed ids).
-MAX_ID = 2**63 - 1
+from otpcore.domain.services import MAX_USER_ID, SEARCH_LIMIT_MAX, SEARCH_OFFSET_MAX
 
 
 class ProfileController(Controller):
@@ -44,9 +42,9 @@ class AdminUsersController(Controller):
         principal: Principal,
         # "query" is Litestar's name for the whole query string, hence the alias.
         text: Annotated[str, Parameter(query="query", max_length=100)] = "",
-        offset: Annotated[int, Parameter(ge=0, le=1_000_000_000)] = 0,
-        limit: Annotated[int, Parameter(ge=1, le=100)] = 10,
-        after_id: Annotated[int | None, Parameter(ge=0, le=MAX_ID)] = None,
+        offset: Annotated[int, Parameter(ge=0, le=SEARCH_OFFSET_MAX)] = 0,
+        limit: Annotated[int, Parameter(ge=1, le=SEARCH_LIMIT_MAX)] = 10,
+        after_id: Annotated[int | None, Parameter(ge=0, le=MAX_USER_ID)] = None,
     ) -> UserList:
         page = await core.users.search(principal.user, text, offset=offset, limit=limit, after_id=after_id)
         return UserList.of(page)

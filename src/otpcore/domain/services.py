@@ -44,6 +44,9 @@ from otpcore.domain.tokens import AccessClaims, TokenService
 log = logging.getLogger("otpcore.auth")
 
 SEARCH_LIMIT_MAX = 100
+SEARCH_OFFSET_MAX = 1_000_000_000
+# Ids are 64-bit signed in every store; larger numbers name no user.
+MAX_USER_ID = 2**63 - 1
 CODE_INPUT_MAX = 64
 
 
@@ -295,7 +298,7 @@ class UserService:
         self.phones = phones
 
     async def get(self, user_id: int) -> User:
-        user = await self.users.get(user_id)
+        user = await self.users.get(user_id) if 0 < user_id <= MAX_USER_ID else None
         if user is None:
             raise NotFound("no such user")
         return user
@@ -332,12 +335,12 @@ class UserService:
     ) -> UserPage:
         if acting.role is not Role.ADMIN:
             raise Forbidden("admin role required")
-        if offset < 0:
-            raise ValidationError("offset: must be 0 or more")
+        if not 0 <= offset <= SEARCH_OFFSET_MAX:
+            raise ValidationError(f"offset: must be between 0 and {SEARCH_OFFSET_MAX}")
         if not 1 <= limit <= SEARCH_LIMIT_MAX:
             raise ValidationError(f"limit: must be between 1 and {SEARCH_LIMIT_MAX}")
-        if after_id is not None and after_id < 0:
-            raise ValidationError("after_id: must be 0 or more")
+        if after_id is not None and not 0 <= after_id <= MAX_USER_ID:
+            raise ValidationError("after_id: must be a user id or 0")
         query = query.strip()
         if len(query) > 100:
             raise ValidationError("query: must be at most 100 characters")
@@ -354,6 +357,8 @@ class UserService:
         return await self._update(user.id, role=role)
 
     async def _update(self, user_id: int, **changes: object) -> User:
+        if not 0 < user_id <= MAX_USER_ID:
+            raise NotFound("no such user")
         user = await self.users.update(user_id, **changes)  # type: ignore[arg-type]
         if user is None:
             raise NotFound("no such user")
