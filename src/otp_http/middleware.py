@@ -77,28 +77,28 @@ class EdgeMiddleware:
             return []
         limits = [
             Limit(
-                key=f"ip:global:{ip}",
+                name="global",
+                subject=ip,
                 requests=s.rate_limit_global_requests,
                 window=s.rate_limit_global_duration,
-                name="global",
             )
         ]
         if path.startswith("/api/v1/auth/"):
             limits.append(
                 Limit(
-                    key=f"ip:auth:{ip}",
+                    name="auth",
+                    subject=ip,
                     requests=s.rate_limit_auth_requests,
                     window=s.rate_limit_auth_duration,
-                    name="auth",
                 )
             )
         elif path.startswith("/api/v1/users/"):
             limits.append(
                 Limit(
-                    key=f"ip:user:{ip}",
+                    name="user",
+                    subject=ip,
                     requests=s.rate_limit_user_requests,
                     window=s.rate_limit_user_duration,
-                    name="user",
                 )
             )
         return limits

@@ -11,11 +11,13 @@ import pytest
 
 from otpcore.adapters.memory import (
     MemoryCodeStore,
+    MemoryEventBus,
     MemoryRateLimiter,
     MemorySessionStore,
     MemoryUserRepo,
 )
 from otpcore.adapters.sqlite import SqliteDatabase, SqliteSessionStore, SqliteUserRepo
+from otpcore.domain.events import Event
 from otpcore.domain.model import Role
 from tests.fakes import FakeClock
 
@@ -65,3 +67,14 @@ def code_store(request, clock):
 @pytest.fixture(params=["memory"])
 def rate_limiter(request, clock):
     return MemoryRateLimiter(clock=clock)
+
+
+@pytest.fixture(params=["memory"])
+def event_bus_and_reader(request):
+    """An EventBus and a way to read back what it holds, oldest first."""
+    bus = MemoryEventBus(max_events=50)
+
+    async def read() -> list[Event]:
+        return list(bus.events)
+
+    return bus, read

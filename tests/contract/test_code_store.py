@@ -9,7 +9,7 @@ from otpcore.domain.ports import CodeOutcome, Limit
 PHONE = "+14155550123"
 TTL = 120.0
 RIGHT, WRONG = b"right-digest", b"wrong-digest"
-BUDGET = Limit(key=f"fail:{PHONE}", requests=100, window=3600.0, name="failures")
+BUDGET = Limit(name="failures", subject=PHONE, requests=100, window=3600.0)
 
 
 async def _issue(store, digest=RIGHT, *, max_attempts=5, send_limit=None, ttl=TTL):
@@ -77,7 +77,7 @@ async def test_new_code_replaces_the_old_and_resets_attempts(code_store):
 
 
 async def test_send_limit_keeps_the_previous_code(code_store):
-    limit = Limit(key=f"send:{PHONE}", requests=3, window=600.0, name="otp")
+    limit = Limit(name="otp", subject=PHONE, requests=3, window=600.0)
     decisions = [await _issue(code_store, b"code%d" % i, send_limit=limit) for i in range(4)]
     assert [d.allowed for d in decisions] == [True, True, True, False]
     assert [d.remaining for d in decisions] == [2, 1, 0, 0]
@@ -88,7 +88,7 @@ async def test_send_limit_keeps_the_previous_code(code_store):
 
 
 async def test_send_limit_window_slides(code_store, clock):
-    limit = Limit(key=f"send:{PHONE}", requests=3, window=600.0, name="otp")
+    limit = Limit(name="otp", subject=PHONE, requests=3, window=600.0)
     for _ in range(3):
         assert (await _issue(code_store, send_limit=limit)).allowed
         clock.advance(100)
@@ -98,7 +98,7 @@ async def test_send_limit_window_slides(code_store, clock):
 
 
 async def test_concurrent_sends_respect_the_limit(code_store):
-    limit = Limit(key=f"send:{PHONE}", requests=3, window=600.0, name="otp")
+    limit = Limit(name="otp", subject=PHONE, requests=3, window=600.0)
     decisions = await asyncio.gather(
         *(_issue(code_store, b"code%d" % i, send_limit=limit) for i in range(20))
     )
@@ -106,7 +106,7 @@ async def test_concurrent_sends_respect_the_limit(code_store):
 
 
 async def test_failure_budget_locks_the_number_across_resends(code_store, clock):
-    budget = Limit(key=f"fail:{PHONE}", requests=10, window=3600.0, name="failures")
+    budget = Limit(name="failures", subject=PHONE, requests=10, window=3600.0)
     outcomes = []
     for _ in range(2):
         await _issue(code_store, max_attempts=5)

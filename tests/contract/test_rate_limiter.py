@@ -6,7 +6,7 @@ import asyncio
 
 from otpcore.domain.ports import Limit
 
-LIMIT = Limit(key="ip:192.0.2.1", requests=3, window=10.0, name="auth")
+LIMIT = Limit(name="auth", subject="192.0.2.1", requests=3, window=10.0)
 
 
 async def _allowed_at(limiter, clock, start: float, offset: float) -> bool:
@@ -58,7 +58,7 @@ async def test_remaining_and_reset_after(rate_limiter, clock):
 
 
 async def test_keys_are_independent(rate_limiter):
-    other = Limit(key="ip:192.0.2.2", requests=3, window=10.0)
+    other = Limit(name="ip", subject="192.0.2.2", requests=3, window=10.0)
     for _ in range(3):
         await rate_limiter.hit([LIMIT])
     [refused] = await rate_limiter.hit([LIMIT])
@@ -68,12 +68,12 @@ async def test_keys_are_independent(rate_limiter):
 
 
 async def test_several_limits_all_or_nothing(rate_limiter):
-    narrow = Limit(key="otp:+14155550123", requests=1, window=60.0, name="otp")
-    wide = Limit(key="ip:192.0.2.1", requests=5, window=60.0, name="global")
+    narrow = Limit(name="auth", subject="192.0.2.1", requests=1, window=60.0)
+    wide = Limit(name="global", subject="192.0.2.1", requests=5, window=60.0)
 
     first = await rate_limiter.hit([narrow, wide])
     assert [d.allowed for d in first] == [True, True]
-    assert [(d.name, d.remaining) for d in first] == [("otp", 0), ("global", 4)]
+    assert [(d.name, d.remaining) for d in first] == [("auth", 0), ("global", 4)]
 
     second = await rate_limiter.hit([narrow, wide])
     assert not second[0].allowed
@@ -84,7 +84,7 @@ async def test_several_limits_all_or_nothing(rate_limiter):
 
 
 async def test_concurrent_hits_accept_exactly_the_limit(rate_limiter):
-    limit = Limit(key="ip:198.51.100.7", requests=7, window=60.0)
+    limit = Limit(name="ip", subject="198.51.100.7", requests=7, window=60.0)
     results = await asyncio.gather(*(rate_limiter.hit([limit]) for _ in range(20)))
     assert sum(decision.allowed for [decision] in results) == 7
 

@@ -44,14 +44,11 @@ class CodePolicy(msgspec.Struct, frozen=True, kw_only=True):
         return hmac.new(self.secret, f"{phone}\x00{code}".encode(), hashlib.sha256).digest()
 
     def send_limit(self, phone: str) -> Limit:
-        return Limit(key=f"send:{phone}", requests=self.sends_per_window, window=self.send_window, name="otp")
+        return Limit(name="otp", subject=phone, requests=self.sends_per_window, window=self.send_window)
 
     def failure_budget(self, phone: str) -> Limit:
         return Limit(
-            key=f"fail:{phone}",
-            requests=self.failures_per_window,
-            window=self.failure_window,
-            name="otp_verify",
+            name="otp_failures", subject=phone, requests=self.failures_per_window, window=self.failure_window
         )
 
     def message(self, code: str) -> str:

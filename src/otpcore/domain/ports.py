@@ -18,13 +18,19 @@ from otpcore.domain.model import Role, User
 
 
 class Limit(msgspec.Struct, frozen=True, kw_only=True):
-    """At most ``requests`` accepted for ``key`` in any interval of ``window`` seconds."""
+    """At most ``requests`` accepted per ``subject`` in any interval of ``window`` seconds."""
 
-    key: str
+    # Which limit ("otp", "global", "auth", "user", ...): also the metrics label.
+    name: str
+    # Whom it counts: a client IP or an E.164 number. Limits decided together in one call
+    # share a subject, so a Redis Cluster keeps all their keys on one slot.
+    subject: str
     requests: int
     window: float
-    # What the limit protects ("otp", "global", "auth", "user"): a metrics label.
-    name: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}:{self.subject}"
 
 
 class RateDecision(msgspec.Struct, frozen=True, kw_only=True):
