@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 import msgspec
 from dotenv import dotenv_values
@@ -175,14 +176,36 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
         return bool(self.redis_url or self.redis_host)
 
     @property
+    def postgres_dsn(self) -> str:
+        """DATABASE_URL, else the seed's POSTGRES_* variables as a connection URL."""
+        if self.database_url:
+            return self.database_url
+        user = quote(self.postgres_user, safe="")
+        password = quote(self.postgres_password, safe="")
+        return (
+            f"postgresql://{user}:{password}@{self.postgres_host}:{self.postgres_port}/"
+            f"{quote(self.postgres_db, safe='')}?sslmode={quote(self.postgres_ssl_mode, safe='')}"
+        )
+
+    @property
+    def redis_location(self) -> str:
+        """REDIS_URL, else the seed's REDIS_* variables as a URL."""
+        if self.redis_url:
+            return self.redis_url
+        auth = f":{quote(self.redis_password, safe='')}@" if self.redis_password else ""
+        return f"redis://{auth}{self.redis_host}:{self.redis_port}/{self.redis_db}"
+
+    @property
+    def fast_store(self) -> str:
+        """Where codes, limits and events live: "redis" when configured, else "memory"."""
+        return "redis" if self.uses_redis else "memory"
+
+    @property
     def should_migrate_on_start(self) -> bool:
         return (not self.is_production) if self.migrate_on_start is None else self.migrate_on_start
 
-    def test_codes(self, today: date | None = None) -> dict[str, str]:
-        """The configured test numbers and their fixed codes, empty once their date has passed."""
-        until = self.test_numbers_valid_until
-        if until is not None and (today or datetime.now(UTC).date()) > until:
-            return {}
+    def test_codes(self) -> dict[str, str]:
+        """The configured test numbers and their fixed codes (see test_codes_until)."""
         codes: dict[str, str] = {}
         for item in _csv(self.otp_test_phone_numbers):
             phone, sep, code = item.partition("=")
@@ -196,6 +219,14 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
         if not self.otp_test_phone_numbers_valid_until:
             return None
         return date.fromisoformat(self.otp_test_phone_numbers_valid_until)
+
+    @property
+    def test_codes_until(self) -> float | None:
+        """The epoch second test numbers stop working: the end of their valid-until day (UTC)."""
+        until = self.test_numbers_valid_until
+        if until is None:
+            return None
+        return datetime.combine(until + timedelta(days=1), datetime.min.time(), UTC).timestamp()
 
     @property
     def admin_numbers(self) -> frozenset[str]:
@@ -251,7 +282,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
             if getattr(self, f"rate_limit_{kind}_requests") < 1:
                 problems.append(f"RATE_LIMIT_{kind.upper()}_REQUESTS must be positive")
         try:
-            test_codes = self.test_codes(today=date.min)
+            test_codes = self.test_codes()
             self.admin_numbers  # noqa: B018 - parsed for its errors
             until = self.test_numbers_valid_until
         except (ValueError, SettingsError) as exc:

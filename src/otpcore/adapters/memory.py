@@ -134,7 +134,9 @@ class MemoryCodeStore:
             return CodeCheck(outcome=CodeOutcome.LOCKED, retry_after=budget.reset_after)
         if code.attempts_left == 0:
             return CodeCheck(outcome=CodeOutcome.BURNED)
-        return CodeCheck(outcome=CodeOutcome.WRONG, attempts_remaining=code.attempts_left)
+        # What is left is whichever runs out first: this code's attempts or the number's budget.
+        remaining = min(code.attempts_left, budget.remaining)
+        return CodeCheck(outcome=CodeOutcome.WRONG, attempts_remaining=remaining)
 
     async def ping(self) -> None:
         return None

@@ -24,8 +24,10 @@ class CodePolicy(msgspec.Struct, frozen=True, kw_only=True):
     send_window: int = 600
     failures_per_window: int = 10
     failure_window: int = 3600
-    # E.164 number -> fixed code: nothing is sent and the send limit does not apply.
+    # E.164 number -> fixed code: nothing is sent and the send limit does not apply,
+    # until the epoch second ``test_codes_until`` (None: no end).
     test_codes: dict[str, str] = msgspec.field(default_factory=dict)
+    test_codes_until: float | None = None
     sms_template: str = DEFAULT_SMS_TEMPLATE
 
     def __post_init__(self) -> None:
@@ -38,6 +40,11 @@ class CodePolicy(msgspec.Struct, frozen=True, kw_only=True):
 
     def generate(self) -> str:
         return "".join(secrets.choice(self.charset) for _ in range(self.length))
+
+    def test_code(self, phone: str, now: float) -> str | None:
+        if self.test_codes_until is not None and now >= self.test_codes_until:
+            return None
+        return self.test_codes.get(phone)
 
     def digest(self, phone: str, code: str) -> bytes:
         # Binding the number in means a digest is worthless for any other number.

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -19,6 +21,8 @@ from joserfc.jwk import ECKey, Key, OctKey, OKPKey, RSAKey
 from otpcore.domain.errors import InvalidToken
 from otpcore.domain.model import Role, User
 
+# Servers of one deployment may disagree on the time by a few seconds.
+CLOCK_SKEW_LEEWAY = 30
 ACCESS_TOKEN_TYPE = "at+jwt"  # noqa: S105 - a JWT type, not a secret
 _ASYMMETRIC: dict[str, type[Key]] = {"EdDSA": OKPKey, "ES256": ECKey, "RS256": RSAKey}
 SUPPORTED_ALGORITHMS = ("HS256", *_ASYMMETRIC)
@@ -72,7 +76,15 @@ class TokenKeys:
 
 class TokenService:
     def __init__(
-        self, keys: TokenKeys, *, issuer: str, audience: str, access_ttl: int, refresh_ttl: int
+        self,
+        keys: TokenKeys,
+        *,
+        issuer: str,
+        audience: str,
+        access_ttl: int,
+        refresh_ttl: int,
+        clock: Callable[[], float] = time.time,
+        leeway: int = CLOCK_SKEW_LEEWAY,
     ) -> None:
         self.keys = keys
         self.issuer = issuer
@@ -80,6 +92,8 @@ class TokenService:
         self.access_ttl = access_ttl
         self.refresh_ttl = refresh_ttl
         self._registry = jwt.JWTClaimsRegistry(
+            now=lambda: int(clock()),
+            leeway=leeway,
             iss={"essential": True, "value": issuer},
             aud={"essential": True, "value": audience},
             exp={"essential": True},
