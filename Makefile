@@ -14,7 +14,7 @@ $(VENV)/.run-deps: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.test-deps: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[test,postgres,redis]'
+	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@ $(VENV)/.run-deps
 
 run: $(VENV)/.run-deps

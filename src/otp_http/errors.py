@@ -71,6 +71,12 @@ def http_error(_: Request, exc: HTTPException) -> Response[ErrorBody]:
     return error_response(exc.status_code, "invalid_request", str(exc.detail))
 
 
+def undecodable_body(_: Request, exc: Exception) -> Response[ErrorBody]:
+    # Raised while the framework decodes a body: invalid UTF-8 in a string, or nesting deeper
+    # than the decoder follows. Both are the client's bad JSON, not our failure.
+    return error_response(400, "invalid_request", "request body is not valid JSON")
+
+
 def internal_error(request: Request, exc: Exception) -> Response[ErrorBody]:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal_error", "internal server error")
@@ -96,5 +102,7 @@ def _validation_message(exc: ValidationException) -> str:
 EXCEPTION_HANDLERS = {
     e.OtpError: domain_error,
     HTTPException: http_error,
+    UnicodeDecodeError: undecodable_body,
+    RecursionError: undecodable_body,
     Exception: internal_error,
 }

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 from litestar import Request
 from litestar.connection import ASGIConnection
+from litestar.di import NamedDependency
 from litestar.handlers.base import BaseRouteHandler
 
 from otpcore import Core, Principal, Role
 from otpcore.domain.errors import AuthorizationRequired, Forbidden
 
 _PRINCIPAL = "principal"
+
+# Handler parameters filled by the app's dependencies, named so Litestar does not infer them.
+CoreDep = NamedDependency[Core]
+PrincipalDep = NamedDependency[Principal]
 
 
 def core_of(connection: ASGIConnection) -> Core:

@@ -13,6 +13,10 @@ from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from prometheus_client import CollectorRegistry, generate_latest
 
+from otp_http.middleware import RATE_LIMITED
+
+# Seconds: the SDK's default buckets are sized for milliseconds.
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Routes whose outcome is an OTP operation: template -> operation label.
 _OTP_OPERATIONS = {
@@ -29,7 +33,10 @@ class Metrics:
         meter = self.provider.get_meter("otp-server")
         self.requests = meter.create_counter("http_requests", description="Total number of HTTP requests")
         self.duration = meter.create_histogram(
-            "http_request_duration_seconds", unit="s", description="HTTP request duration"
+            "http_request_duration_seconds",
+            unit="s",
+            description="HTTP request duration",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
         self.otp_operations = meter.create_counter(
             "otp_operations", description="Total number of OTP operations"
@@ -80,6 +87,6 @@ class MetricsMiddleware:
         operation = _OTP_OPERATIONS.get(path)
         if operation and status != 429:
             self.metrics.otp_operations.add(1, {"operation": operation, "success": str(status < 400).lower()})
-        limited = scope.get("state", {}).get("rate_limited")
+        limited = scope.get("state", {}).get(RATE_LIMITED)
         if limited:
             self.metrics.rate_limited.add(1, {"endpoint_type": limited})

@@ -23,7 +23,9 @@ from otpcore.settings import Settings
 # Handlers append decisions (e.g. send-otp's per-number limit) here, in scope["state"].
 DECISIONS = "rate_decisions"
 CLIENT_IP = "client_ip"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# The name of the limit that refused the request, for the rate_limit_exceeded metric.
+RATE_LIMITED = "rate_limited"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _UNLIMITED_PREFIXES = ("/health",)
 
 
@@ -131,7 +133,7 @@ class EdgeMiddleware:
                     return
                 if not decisions[-1].allowed:
                     full = _shown(decisions)
-                    state["rate_limited"] = full.name
+                    state[RATE_LIMITED] = full.name
                     await _reply(
                         send_with_headers,
                         429,
@@ -149,7 +151,7 @@ def _incoming_request_id(scope: Scope) -> str | None:
     for name, value in scope.get("headers", ()):
         if name == b"x-request-id":
             text = value.decode("latin-1")
-            return text if _REQUEST_ID.match(text) else None
+            return text if _REQUEST_ID.fullmatch(text) else None
     return None
 
 

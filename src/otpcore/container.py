@@ -19,13 +19,17 @@ from otpcore.adapters.memory import (
     MemorySessionStore,
     MemoryUserRepo,
 )
+from otpcore.adapters.postgres import PostgresDatabase, PostgresSessionStore, PostgresUserRepo
+from otpcore.adapters.redis import RedisCodeStore, RedisEventBus, RedisKeyspace, RedisRateLimiter
 from otpcore.adapters.senders import ConsoleCodeSender
 from otpcore.adapters.sqlite import SqliteDatabase, SqliteSessionStore, SqliteUserRepo
 from otpcore.domain.codes import CodePolicy
 from otpcore.domain.model import PhonePolicy
 from otpcore.domain.services import AuthService, UserService
 from otpcore.domain.tokens import TokenKeys, TokenService
-from otpcore.settings import Settings, SettingsError
+from otpcore.settings import Settings
+
+STORE_TIMEOUT = 3.0
 
 
 def _code_policy(settings: Settings) -> CodePolicy:
@@ -40,6 +44,7 @@ def _code_policy(settings: Settings) -> CodePolicy:
         failures_per_window=settings.otp_max_failed_per_phone,
         failure_window=settings.otp_failed_window,
         test_codes=settings.test_codes(),
+        test_codes_until=settings.test_codes_until,
         sms_template=settings.otp_sms_template,
     )
 
@@ -58,30 +63,58 @@ class Container(containers.DeclarativeContainer):
         settings.provided.sqlite_path,
         migrate=settings.provided.should_migrate_on_start,
     )
+    postgres = providers.Singleton(
+        PostgresDatabase,
+        settings.provided.postgres_dsn,
+        min_size=settings.provided.db_max_idle_conns,
+        max_size=settings.provided.db_max_open_conns,
+        max_lifetime=settings.provided.db_conn_max_lifetime,
+        # A store that is down must answer 503 well inside the 5 s a client may wait.
+        timeout=STORE_TIMEOUT,
+        migrate=settings.provided.should_migrate_on_start,
+    )
+    redis = providers.Singleton(
+        RedisKeyspace.from_url,
+        settings.provided.redis_location,
+        cluster=settings.provided.redis_cluster_mode,
+        prefix=settings.provided.otp_redis_key_prefix,
+        pool_size=settings.provided.redis_pool_size,
+    )
     user_repo = providers.Selector(
         settings.provided.storage,
         memory=providers.Singleton(MemoryUserRepo, clock=clock),
         sqlite=providers.Singleton(SqliteUserRepo, sqlite, clock=clock),
+        postgres=providers.Singleton(PostgresUserRepo, postgres, clock=clock),
     )
     session_store = providers.Selector(
         settings.provided.storage,
         memory=providers.Singleton(MemorySessionStore),
         sqlite=providers.Singleton(SqliteSessionStore, sqlite),
+        postgres=providers.Singleton(PostgresSessionStore, postgres),
     )
-    code_store = providers.Singleton(MemoryCodeStore, clock=clock)
-    rate_limiter = providers.Singleton(MemoryRateLimiter, clock=clock)
-    event_bus = providers.Singleton(MemoryEventBus)
+    code_store = providers.Selector(
+        settings.provided.fast_store,
+        memory=providers.Singleton(MemoryCodeStore, clock=clock),
+        redis=providers.Singleton(RedisCodeStore, redis, clock=clock),
+    )
+    rate_limiter = providers.Selector(
+        settings.provided.fast_store,
+        memory=providers.Singleton(MemoryRateLimiter, clock=clock),
+        redis=providers.Singleton(RedisRateLimiter, redis, clock=clock),
+    )
+    event_bus = providers.Selector(
+        settings.provided.fast_store,
+        memory=providers.Singleton(MemoryEventBus),
+        redis=providers.Singleton(RedisEventBus, redis, stream=settings.provided.events_redis_channel),
+    )
     code_sender = providers.Selector(
         settings.provided.otp_sender,
         console=providers.Singleton(ConsoleCodeSender),
         memory=providers.Singleton(MemoryCodeSender),
     )
 
-    phone_policy = providers.Singleton(
-        PhonePolicy,
-        test_numbers=providers.Callable(lambda s: frozenset(s.test_codes()), settings),
-        allowed_countries=settings.provided.allowed_countries,
-    )
+    # Test numbers are passed per call by AuthService: they are in force only until their date.
+    phone_policy = providers.Singleton(PhonePolicy, allowed_countries=settings.provided.allowed_countries)
     code_policy = providers.Singleton(_code_policy, settings)
     tokens = providers.Singleton(
         TokenService,
@@ -90,6 +123,7 @@ class Container(containers.DeclarativeContainer):
         audience=settings.provided.jwt_audience,
         access_ttl=settings.provided.jwt_expiry,
         refresh_ttl=settings.provided.jwt_refresh_expiry,
+        clock=clock,
     )
     auth = providers.Singleton(
         AuthService,
@@ -119,26 +153,30 @@ class Core:
         self.events = container.event_bus()
 
     def checks(self) -> dict[str, Callable[[], Awaitable[None]]]:
-        """One liveness probe per backing store, by name."""
+        """One liveness probe per backing store, named for the store ("postgres", "redis", ...)."""
         c = self.container
         return {
-            "users": c.user_repo().ping,
-            "sessions": c.session_store().ping,
-            "codes": c.code_store().ping,
-            "rate_limits": c.rate_limiter().ping,
-            "events": c.event_bus().ping,
+            self.settings.storage: c.user_repo().ping,
+            self.settings.fast_store: c.code_store().ping,
         }
 
     async def migrate(self) -> list[str]:
         """Apply pending schema migrations; the versions applied now."""
-        if self.settings.storage == "sqlite":
-            return await self.container.sqlite().migrate()
-        return []
+        if self.settings.storage == "memory":
+            return []
+        return await self._database().migrate()
+
+    def _database(self) -> SqliteDatabase | PostgresDatabase:
+        if self.settings.storage == "postgres":
+            return self.container.postgres()
+        return self.container.sqlite()
 
     async def aclose(self) -> None:
         await self.auth.drain()
-        if self.settings.storage == "sqlite":
-            await self.container.sqlite().close()
+        if self.settings.storage != "memory":
+            await self._database().close()
+        if self.settings.fast_store == "redis":
+            await self.container.redis().aclose()
 
     async def __aenter__(self) -> Core:
         return self
@@ -153,9 +191,6 @@ def build_core(settings: Settings | None = None, **overrides: object) -> Core:
     ``overrides`` replace providers by name, e.g. ``code_sender=MySender()``.
     """
     settings = settings or Settings.from_env()
-    if settings.storage == "postgres" or settings.uses_redis:
-        # Refuse rather than silently fall back to per-process memory stores.
-        raise SettingsError("PostgreSQL and Redis adapters are not part of this build yet")
     container = Container(settings=settings.with_dev_secret())
     for name, value in overrides.items():
         getattr(container, name).override(providers.Object(value))

@@ -16,6 +16,8 @@ from otpcore.adapters.memory import (
     MemorySessionStore,
     MemoryUserRepo,
 )
+from otpcore.adapters.postgres import PostgresSessionStore, PostgresUserRepo
+from otpcore.adapters.redis import RedisCodeStore, RedisEventBus, RedisRateLimiter
 from otpcore.adapters.sqlite import SqliteDatabase, SqliteSessionStore, SqliteUserRepo
 from otpcore.domain.events import Event
 from otpcore.domain.model import Role
@@ -34,17 +36,21 @@ async def sqlite_db(tmp_path) -> AsyncIterator[SqliteDatabase]:
     await db.close()
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 def user_repo(request, clock):
     if request.param == "memory":
         return MemoryUserRepo(clock=clock)
+    if request.param == "postgres":
+        return PostgresUserRepo(request.getfixturevalue("pg_database"), clock=clock)
     return SqliteUserRepo(request.getfixturevalue("sqlite_db"), clock=clock)
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 def session_store(request):
     if request.param == "memory":
         return MemorySessionStore()
+    if request.param == "postgres":
+        return PostgresSessionStore(request.getfixturevalue("pg_database"))
     return SqliteSessionStore(request.getfixturevalue("sqlite_db"))
 
 
@@ -52,26 +58,45 @@ def session_store(request):
 async def user_id(session_store) -> int:
     """A user sessions may belong to: stores with foreign keys need a real one."""
     if isinstance(session_store, SqliteSessionStore):
-        user, _ = await SqliteUserRepo(session_store.db).get_or_create(
-            "+15555550100", name="", role=Role.USER
-        )
-        return user.id
-    return 1
+        repo: SqliteUserRepo | PostgresUserRepo = SqliteUserRepo(session_store.db)
+    elif isinstance(session_store, PostgresSessionStore):
+        repo = PostgresUserRepo(session_store.db)
+    else:
+        return 1
+    user, _ = await repo.get_or_create("+15555550100", name="", role=Role.USER)
+    return user.id
 
 
-@pytest.fixture(params=["memory"])
+# Redis-backed fixtures get a client on a key prefix of their own ("redis": one server;
+# "redis-cluster": a three-master cluster started for the test session).
+REDIS_PARAMS = ["memory", "redis", "redis-cluster"]
+
+
+@pytest.fixture(params=REDIS_PARAMS)
 def code_store(request, clock):
-    return MemoryCodeStore(clock=clock)
+    if request.param == "memory":
+        return MemoryCodeStore(clock=clock)
+    return RedisCodeStore(request.getfixturevalue(_redis_fixture(request.param)), clock=clock)
 
 
-@pytest.fixture(params=["memory"])
+@pytest.fixture(params=REDIS_PARAMS)
 def rate_limiter(request, clock):
-    return MemoryRateLimiter(clock=clock)
+    if request.param == "memory":
+        return MemoryRateLimiter(clock=clock)
+    return RedisRateLimiter(request.getfixturevalue(_redis_fixture(request.param)), clock=clock)
 
 
-@pytest.fixture(params=["memory"])
+def _redis_fixture(param: str) -> str:
+    return "redis_keyspace" if param == "redis" else "redis_cluster_keyspace"
+
+
+@pytest.fixture(params=REDIS_PARAMS)
 def event_bus_and_reader(request):
     """An EventBus and a way to read back what it holds, oldest first."""
+    if request.param != "memory":
+        keyspace = request.getfixturevalue(_redis_fixture(request.param))
+        redis_bus = RedisEventBus(keyspace, stream="events", max_len=50)
+        return redis_bus, redis_bus.read_all
     bus = MemoryEventBus(max_events=50)
 
     async def read() -> list[Event]:

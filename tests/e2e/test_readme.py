@@ -34,7 +34,7 @@ def test_walkthrough_works_as_printed(server: Server) -> None:
     result = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", walkthrough()],
         cwd=server.workdir,
-        env={**os.environ, "BASE": server.base},
+        env={**os.environ, **server.env, "BASE": server.base},
         capture_output=True,
         text=True,
         timeout=60,

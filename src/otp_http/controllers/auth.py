@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from litestar import Controller, Request, post
 from litestar.di import Provide
+from litestar.params import JSONBody
 from litestar.status_codes import HTTP_200_OK, HTTP_204_NO_CONTENT
 
-from otp_http.guards import provide_principal, requires_user
-from otp_http.middleware import DECISIONS
+from otp_http.guards import CoreDep, PrincipalDep, provide_principal, requires_user
+from otp_http.middleware import DECISIONS, RATE_LIMITED
 from otp_http.schemas import (
     LogoutRequest,
     RefreshRequest,
@@ -16,7 +17,6 @@ from otp_http.schemas import (
     TokenResponse,
     VerifyOtpRequest,
 )
-from otpcore import Core, Principal
 from otpcore.domain.errors import RateLimitExceeded
 
 
@@ -25,11 +25,14 @@ class AuthController(Controller):
     tags = ["auth"]
 
     @post("/send-otp", status_code=HTTP_200_OK)
-    async def send_otp(self, request: Request, core: Core, data: SendOtpRequest) -> SendOtpResponse:
+    async def send_otp(
+        self, request: Request, core: CoreDep, data: JSONBody[SendOtpRequest]
+    ) -> SendOtpResponse:
         try:
             sent = await core.auth.send_code(data.phone_number)
         except RateLimitExceeded as exc:
             request.state[DECISIONS].append(exc.decision)
+            request.state[RATE_LIMITED] = exc.decision.name
             raise
         if sent.decision is not None:
             request.state[DECISIONS].append(sent.decision)
@@ -40,12 +43,12 @@ class AuthController(Controller):
         )
 
     @post("/verify-otp", status_code=HTTP_200_OK)
-    async def verify_otp(self, core: Core, data: VerifyOtpRequest) -> TokenResponse:
+    async def verify_otp(self, core: CoreDep, data: JSONBody[VerifyOtpRequest]) -> TokenResponse:
         result = await core.auth.verify_code(data.phone_number, data.otp_code, name=data.name)
         return TokenResponse.of(result)
 
     @post("/refresh", status_code=HTTP_200_OK)
-    async def refresh(self, core: Core, data: RefreshRequest) -> TokenResponse:
+    async def refresh(self, core: CoreDep, data: JSONBody[RefreshRequest]) -> TokenResponse:
         return TokenResponse.of(await core.auth.refresh(data.refresh_token))
 
     @post(
@@ -54,5 +57,7 @@ class AuthController(Controller):
         guards=[requires_user],
         dependencies={"principal": Provide(provide_principal)},
     )
-    async def logout(self, core: Core, principal: Principal, data: LogoutRequest | None = None) -> None:
+    async def logout(
+        self, core: CoreDep, principal: PrincipalDep, data: JSONBody[LogoutRequest | None] = None
+    ) -> None:
         await core.auth.logout(principal, data.refresh_token if data else None)

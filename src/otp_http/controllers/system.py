@@ -8,8 +8,8 @@ from typing import Any
 from litestar import Controller, Response, get
 from litestar.status_codes import HTTP_503_SERVICE_UNAVAILABLE
 
+from otp_http.guards import CoreDep
 from otp_http.schemas import ErrorBody, Health, Readiness
-from otpcore import Core
 
 VERSION = "0.1.0"
 CHECK_TIMEOUT = 2.0
@@ -23,7 +23,7 @@ class SystemController(Controller):
         return Health(status="ok", service="otp-server", version=VERSION)
 
     @get("/health/ready")
-    async def ready(self, core: Core) -> Response[Readiness | ErrorBody]:
+    async def ready(self, core: CoreDep) -> Response[Readiness | ErrorBody]:
         names, probes = zip(*core.checks().items(), strict=True)
         results = await asyncio.gather(
             *(asyncio.wait_for(probe(), CHECK_TIMEOUT) for probe in probes), return_exceptions=True
@@ -43,5 +43,5 @@ class SystemController(Controller):
         return Response(Readiness(status="ok", checks=checks))
 
     @get("/.well-known/jwks.json")
-    async def jwks(self, core: Core) -> dict[str, Any]:
+    async def jwks(self, core: CoreDep) -> dict[str, Any]:
         return core.tokens.keys.jwks()

@@ -6,11 +6,10 @@ from typing import Annotated
 
 from litestar import Controller, get, patch, put
 from litestar.di import Provide
-from litestar.params import Parameter
+from litestar.params import FromPath, JSONBody, QueryParameter
 
-from otp_http.guards import provide_principal, requires_admin, requires_user
+from otp_http.guards import CoreDep, PrincipalDep, provide_principal, requires_admin, requires_user
 from otp_http.schemas import AdminUserUpdate, ProfileUpdate, UserList, UserOut
-from otpcore import Core, Principal
 from otpcore.domain.services import MAX_USER_ID, SEARCH_LIMIT_MAX, SEARCH_OFFSET_MAX
 
 
@@ -21,11 +20,13 @@ class ProfileController(Controller):
     dependencies = {"principal": Provide(provide_principal)}
 
     @get("/")
-    async def profile(self, principal: Principal) -> UserOut:
+    async def profile(self, principal: PrincipalDep) -> UserOut:
         return UserOut.of(principal.user)
 
     @put("/")
-    async def update_profile(self, core: Core, principal: Principal, data: ProfileUpdate) -> UserOut:
+    async def update_profile(
+        self, core: CoreDep, principal: PrincipalDep, data: JSONBody[ProfileUpdate]
+    ) -> UserOut:
         return UserOut.of(await core.users.rename(principal.user.id, data.name))
 
 
@@ -38,24 +39,25 @@ class AdminUsersController(Controller):
     @get("/search")
     async def search(
         self,
-        core: Core,
-        principal: Principal,
-        # "query" is Litestar's name for the whole query string, hence the alias.
-        text: Annotated[str, Parameter(query="query", max_length=100)] = "",
-        offset: Annotated[int, Parameter(ge=0, le=SEARCH_OFFSET_MAX)] = 0,
-        limit: Annotated[int, Parameter(ge=1, le=SEARCH_LIMIT_MAX)] = 10,
-        after_id: Annotated[int | None, Parameter(ge=0, le=MAX_USER_ID)] = None,
+        core: CoreDep,
+        principal: PrincipalDep,
+        # "query" is Litestar's name for the whole query string, hence the alias; its length
+        # is checked by the service so the error names "query".
+        text: Annotated[str, QueryParameter(name="query")] = "",
+        offset: Annotated[int, QueryParameter(ge=0, le=SEARCH_OFFSET_MAX)] = 0,
+        limit: Annotated[int, QueryParameter(ge=1, le=SEARCH_LIMIT_MAX)] = 10,
+        after_id: Annotated[int | None, QueryParameter(ge=0, le=MAX_USER_ID)] = None,
     ) -> UserList:
         page = await core.users.search(principal.user, text, offset=offset, limit=limit, after_id=after_id)
         return UserList.of(page)
 
     @get("/{user_id:int}")
-    async def get_user(self, core: Core, user_id: int) -> UserOut:
+    async def get_user(self, core: CoreDep, user_id: FromPath[int]) -> UserOut:
         return UserOut.of(await core.users.get(user_id))
 
     @patch("/{user_id:int}")
     async def update_user(
-        self, core: Core, principal: Principal, user_id: int, data: AdminUserUpdate
+        self, core: CoreDep, principal: PrincipalDep, user_id: FromPath[int], data: JSONBody[AdminUserUpdate]
     ) -> UserOut:
         user = await core.users.administer(
             principal.user, user_id, role=data.role, is_active=data.is_active, name=data.name

@@ -5,6 +5,11 @@ Services raise only these; the HTTP layer maps them to statuses in one table.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from otpcore.domain.ports import RateDecision
+
 
 class OtpError(Exception):
     """Base of every domain error; ``code`` is the stable machine-readable name."""
@@ -43,8 +48,7 @@ class RateLimitExceeded(OtpError):
     code = "rate_limit_exceeded"
     default_message = "too many requests, please try again later"
 
-    def __init__(self, decision: object, message: str | None = None) -> None:
-        # ``decision`` is a ports.RateDecision; kept untyped here to avoid an import cycle.
+    def __init__(self, decision: RateDecision, message: str | None = None) -> None:
         self.decision = decision
         super().__init__(message)
 

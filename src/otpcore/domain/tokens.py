@@ -11,7 +11,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from joserfc import jwt
@@ -29,7 +29,7 @@ SUPPORTED_ALGORITHMS = ("HS256", *_ASYMMETRIC)
 
 
 class AccessClaims(msgspec.Struct, frozen=True, kw_only=True):
-    sub: str
+    sub: Annotated[str, msgspec.Meta(pattern=r"^[1-9][0-9]{0,18}$")]
     role: Role
     sid: str
     jti: str

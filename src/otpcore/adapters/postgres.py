@@ -1,0 +1,454 @@
+"""PostgreSQL adapters for ``UserRepo`` and ``SessionStore`` (psycopg 3 on a psycopg_pool pool).
+
+``PostgresDatabase`` owns an ``AsyncConnectionPool`` that is opened on first use (building it does
+no I/O). Connections are in autocommit mode, so a single statement is its own transaction; the
+operations that need several statements open one explicitly. Every call is bounded: getting a
+connection waits at most ``timeout`` seconds, connecting and each statement too, and a failure of
+any kind surfaces as ``ServiceUnavailable``. Connections are checked as they leave the pool, so
+after a restart of Postgres the dead ones are replaced and the next call works again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import DictRow, dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from otpcore.adapters.migrations import migration_files
+from otpcore.domain.errors import ServiceUnavailable
+from otpcore.domain.model import Role, User
+from otpcore.domain.ports import Rotation, RotationOutcome, Session
+
+Clock = Callable[[], float]
+Connection = AsyncConnection[DictRow]
+
+# Key of the advisory lock that serialises migrations across instances: "otp_migr" in ASCII.
+_MIGRATION_LOCK = 0x6F74705F6D696772
+
+
+async def apply_postgres(conn: Connection) -> list[str]:
+    """Apply the pending Postgres migrations in one transaction; returns the versions applied.
+
+    The advisory lock comes first, before even creating the bookkeeping table, so instances
+    migrating at once run one after the other and the later one finds nothing left to do.
+    """
+    applied: list[str] = []
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        # Schema changes on a large table may legitimately outlast the per-statement bound.
+        await conn.execute("SET LOCAL statement_timeout = 0")
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations"
+            " (version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        cursor = await conn.execute("SELECT version FROM schema_migrations")
+        done = {row["version"] for row in await cursor.fetchall()}
+        for version, sql in migration_files("postgres"):
+            if version in done:
+                continue
+            # Without parameters psycopg sends the whole file as one simple query.
+            await conn.execute(sql, prepare=False)
+            await conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+            applied.append(version)
+    return applied
+
+
+class PostgresDatabase:
+    """Owns the connection pool the Postgres adapters share."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        max_lifetime: float = 3600,
+        timeout: float = 5.0,
+        migrate: bool = True,
+    ) -> None:
+        self._migrate = migrate
+        self._pool = AsyncConnectionPool(
+            dsn,
+            connection_class=Connection,
+            kwargs=_connection_settings(dsn, timeout),
+            min_size=min(min_size, max_size),
+            max_size=max_size,
+            max_lifetime=max_lifetime,
+            timeout=timeout,
+            check=AsyncConnectionPool.check_connection,
+            name="otp-postgres",
+            open=False,
+        )
+        self._start_lock = asyncio.Lock()
+        self._started = False
+        self._closed = False
+        # Failed start attempts so far, and the last one's error: callers that queued behind a
+        # failing attempt share its error instead of each waiting out a timeout of its own.
+        self._failures = 0
+        self._start_error: BaseException | None = None
+
+    async def _start(self) -> None:
+        """Open the pool and, if asked, migrate; once, and again after a failed attempt."""
+        if self._started:
+            return
+        failures = self._failures
+        async with self._start_lock:
+            if self._closed:
+                raise ServiceUnavailable("the database is closed")
+            if self._started:
+                return
+            if self._failures != failures:
+                raise ServiceUnavailable() from self._start_error
+            try:
+                await self._pool.open()
+                if self._migrate:
+                    async with self._pool.connection() as conn:
+                        await apply_postgres(conn)
+            except psycopg.Error as exc:
+                self._failures += 1
+                self._start_error = exc
+                raise ServiceUnavailable() from exc
+            self._started = True
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        """A pooled connection; driver and pool errors become ServiceUnavailable."""
+        if self._closed:
+            raise ServiceUnavailable("the database is closed")
+        await self._start()
+        try:
+            async with self._pool.connection() as conn:
+                yield conn
+        except psycopg.Error as exc:  # psycopg_pool's errors are psycopg errors too
+            raise ServiceUnavailable() from exc
+
+    async def migrate(self) -> list[str]:
+        """Apply pending migrations now; the versions applied."""
+        async with self.connection() as conn:
+            return await apply_postgres(conn)
+
+    async def ping(self) -> None:
+        async with self.connection() as conn:
+            await conn.execute("SELECT 1")
+
+    async def close(self) -> None:
+        self._closed = True
+        await self._pool.close()
+
+
+def _connection_settings(dsn: str, timeout: float) -> dict[str, Any]:
+    """Connection arguments bounding every wait by ``timeout``, added to those of ``dsn``."""
+    millis = max(1, int(timeout * 1000))
+    options = conninfo_to_dict(dsn).get("options") or ""
+    return {
+        "autocommit": True,
+        "row_factory": dict_row,
+        # libpq counts whole seconds and treats 1 as 2.
+        "connect_timeout": max(2, math.ceil(timeout)),
+        # Unacknowledged data (a vanished server, a network partition) breaks the connection
+        # instead of waiting on the socket for the kernel's own, much longer, timeout.
+        "tcp_user_timeout": millis,
+        # Appended to the DSN's own options, which the kwargs would otherwise replace.
+        "options": f"{options} -c statement_timeout={millis} -c TimeZone=UTC".strip(),
+    }
+
+
+_USER_COLUMNS = "id, phone_number, name, role, is_active, created_at, updated_at"
+_USER_MATCH = (
+    r"(name_folded LIKE %(name_pattern)s ESCAPE '\' OR phone_number LIKE %(phone_pattern)s ESCAPE '\')"
+)
+
+# Looks the user up first, so that a login of an existing user (the common case) is one
+# statement and burns no identity value; inserts only when absent. When a concurrent first
+# login inserts the row after this statement's snapshot, the conflict clause makes this insert
+# do nothing and no row comes back: the caller then reads the row the other one committed.
+_GET_OR_CREATE = f"""
+WITH found AS (
+    SELECT {_USER_COLUMNS} FROM users WHERE phone_number = %(phone)s
+), created AS (
+    INSERT INTO users (phone_number, name, name_folded, role, created_at, updated_at)
+    SELECT %(phone)s, %(name)s, %(name_folded)s, %(role)s, %(now)s, %(now)s
+    WHERE NOT EXISTS (SELECT FROM found)
+    ON CONFLICT (phone_number) DO NOTHING
+    RETURNING {_USER_COLUMNS}
+)
+SELECT *, false AS created FROM found
+UNION ALL
+SELECT *, true AS created FROM created
+"""  # noqa: S608 - only constants are interpolated
+
+_UPDATE_USER = f"""
+UPDATE users SET
+    name = coalesce(%(name)s, name),
+    name_folded = coalesce(%(name_folded)s, name_folded),
+    role = coalesce(%(role)s, role),
+    is_active = coalesce(%(is_active)s, is_active),
+    updated_at = %(now)s
+WHERE id = %(id)s
+RETURNING {_USER_COLUMNS}
+"""  # noqa: S608 - only constants are interpolated
+
+# The page and the number of all matches in one statement, so one snapshot: the left join keeps
+# the total when the page is empty (an offset past the end). The total ignores ``after``, which
+# only says where the page starts.
+_SEARCH = f"""
+WITH total AS (
+    SELECT count(*) AS total FROM users WHERE {_USER_MATCH}
+), page AS (
+    SELECT {_USER_COLUMNS} FROM users
+    WHERE {_USER_MATCH} AND id > %(after)s
+    ORDER BY id LIMIT %(limit)s OFFSET %(offset)s
+)
+SELECT total.total, page.* FROM total LEFT JOIN page ON true ORDER BY page.id
+"""  # noqa: S608 - only constants are interpolated
+
+
+def _like_literal(text: str) -> str:
+    """A LIKE pattern (escape character ``\\``) matching ``text`` anywhere, wildcards literal."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def _search_params(query: str, offset: int, limit: int, after_id: int | None) -> dict[str, object]:
+    return {
+        # Names are matched on their case folding, stored beside them (see the migration).
+        "name_pattern": _like_literal(query.casefold()),
+        "phone_pattern": _like_literal(query),
+        # Identity ids start at 1, so 0 means "from the start".
+        "after": 0 if after_id is None else after_id,
+        "limit": limit,
+        "offset": offset,
+    }
+
+
+def _user(row: DictRow) -> User:
+    return User(
+        id=row["id"],
+        phone_number=row["phone_number"],
+        name=row["name"],
+        role=Role(row["role"]),
+        is_active=row["is_active"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+class PostgresUserRepo:
+    def __init__(self, db: PostgresDatabase, clock: Clock = time.time) -> None:
+        self.db = db
+        self.clock = clock
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), UTC)
+
+    async def get(self, user_id: int) -> User | None:
+        return await self._one(f"SELECT {_USER_COLUMNS} FROM users WHERE id = %s", user_id)  # noqa: S608
+
+    async def get_by_phone(self, phone: str) -> User | None:
+        return await self._one(
+            f"SELECT {_USER_COLUMNS} FROM users WHERE phone_number = %s",  # noqa: S608
+            phone,
+        )
+
+    async def _one(self, sql: str, value: object) -> User | None:
+        async with self.db.connection() as conn:
+            row = await (await conn.execute(sql, (value,))).fetchone()
+        return None if row is None else _user(row)
+
+    async def get_or_create(self, phone: str, *, name: str, role: Role) -> tuple[User, bool]:
+        params = {
+            "phone": phone,
+            "name": name,
+            "name_folded": name.casefold(),
+            "role": role.value,
+            "now": self._now(),
+        }
+        async with self.db.connection() as conn:
+            row = await (await conn.execute(_GET_OR_CREATE, params)).fetchone()
+            if row is not None:
+                return _user(row), row["created"]
+            # Lost the race to a concurrent first login: its row is committed by now.
+            sql = f"SELECT {_USER_COLUMNS} FROM users WHERE phone_number = %s"  # noqa: S608
+            row = await (await conn.execute(sql, (phone,))).fetchone()
+        assert row is not None  # users are never deleted
+        return _user(row), False
+
+    async def update(
+        self,
+        user_id: int,
+        *,
+        name: str | None = None,
+        role: Role | None = None,
+        is_active: bool | None = None,
+    ) -> User | None:
+        params = {
+            "id": user_id,
+            "name": name,
+            "name_folded": None if name is None else name.casefold(),
+            "role": None if role is None else role.value,
+            "is_active": is_active,
+            "now": self._now(),
+        }
+        async with self.db.connection() as conn:
+            row = await (await conn.execute(_UPDATE_USER, params)).fetchone()
+        return None if row is None else _user(row)
+
+    async def search(
+        self, query: str, *, offset: int, limit: int, after_id: int | None
+    ) -> tuple[list[User], int]:
+        params = _search_params(query, offset, limit, after_id)
+        async with self.db.connection() as conn:
+            # Planned for each pattern, never from a cached generic plan: the trigram indexes
+            # pay off for a long pattern and not for an empty one.
+            rows = await (await conn.execute(_SEARCH, params, prepare=False)).fetchall()
+        total = rows[0]["total"]
+        return [_user(row) for row in rows if row["id"] is not None], total
+
+    async def ping(self) -> None:
+        await self.db.ping()
+
+
+_SESSION_COLUMNS = "id, user_id, created_at, expires_at, revoked"
+
+# The session and its first token in one statement.
+_CREATE_SESSION = f"""
+WITH session AS (
+    INSERT INTO sessions (id, user_id, created_at, expires_at)
+    VALUES (%(id)s, %(user_id)s, %(now)s, %(expires_at)s)
+    RETURNING {_SESSION_COLUMNS}
+), token AS (
+    INSERT INTO refresh_tokens (token_hash, session_id, current)
+    SELECT %(token_hash)s, id, true FROM session
+)
+SELECT {_SESSION_COLUMNS} FROM session
+"""  # noqa: S608 - only constants are interpolated
+
+# Locks the token and its session (FOR UPDATE without OF locks both), so rotations of one
+# family run one after another; one that waited re-reads both rows and sees the token rotated.
+_LOCK_FAMILY = """
+SELECT s.id, s.user_id, s.created_at, s.expires_at, s.revoked, t.current
+FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id
+WHERE t.token_hash = %s
+FOR UPDATE
+"""
+
+_ROTATE = f"""
+WITH retired AS (
+    UPDATE refresh_tokens SET current = false WHERE token_hash = %(token_hash)s
+), issued AS (
+    INSERT INTO refresh_tokens (token_hash, session_id, current) VALUES (%(new_hash)s, %(id)s, true)
+)
+UPDATE sessions SET expires_at = %(expires_at)s WHERE id = %(id)s
+RETURNING {_SESSION_COLUMNS}
+"""  # noqa: S608 - only constants are interpolated
+
+
+def _session(row: DictRow) -> Session:
+    return Session(
+        id=row["id"],
+        user_id=row["user_id"],
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        revoked=row["revoked"],
+    )
+
+
+class PostgresSessionStore:
+    # Every this many creates (per process), sessions that expired more than a day ago go.
+    SWEEP_EVERY = 1000
+    SWEEP_GRACE = 86_400.0
+
+    def __init__(self, db: PostgresDatabase) -> None:
+        self.db = db
+        self._creates = 0
+
+    async def create(
+        self,
+        session_id: str,
+        user_id: int,
+        token_hash: bytes,
+        *,
+        now: datetime,
+        expires_at: datetime,
+    ) -> Session:
+        self._creates += 1
+        params = {
+            "id": session_id,
+            "user_id": user_id,
+            "token_hash": token_hash,
+            "now": now,
+            "expires_at": expires_at,
+        }
+        async with self.db.connection() as conn:
+            if self._creates % self.SWEEP_EVERY == 0:
+                cutoff = datetime.fromtimestamp(now.timestamp() - self.SWEEP_GRACE, UTC)
+                await conn.execute("DELETE FROM sessions WHERE expires_at < %s", (cutoff,))
+            row = await (await conn.execute(_CREATE_SESSION, params)).fetchone()
+        assert row is not None
+        return _session(row)
+
+    async def rotate(
+        self, token_hash: bytes, new_hash: bytes, *, now: datetime, expires_at: datetime
+    ) -> Rotation:
+        async with self.db.connection() as conn, conn.transaction():
+            row = await (await conn.execute(_LOCK_FAMILY, (token_hash,))).fetchone()
+            if row is None or row["revoked"] or row["expires_at"] <= now:
+                return Rotation(outcome=RotationOutcome.INVALID)
+            if not row["current"]:
+                revoked = await conn.execute(
+                    f"UPDATE sessions SET revoked = true WHERE id = %s RETURNING {_SESSION_COLUMNS}",  # noqa: S608
+                    (row["id"],),
+                )
+                return Rotation(outcome=RotationOutcome.REUSED, session=_session(await _fetch(revoked)))
+            params = {
+                "token_hash": token_hash,
+                "new_hash": new_hash,
+                "id": row["id"],
+                "expires_at": expires_at,
+            }
+            rotated = await conn.execute(_ROTATE, params)
+            return Rotation(outcome=RotationOutcome.ROTATED, session=_session(await _fetch(rotated)))
+
+    async def find(self, token_hash: bytes) -> Session | None:
+        sql = (
+            "SELECT s.id, s.user_id, s.created_at, s.expires_at, s.revoked"
+            " FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id WHERE t.token_hash = %s"
+        )
+        async with self.db.connection() as conn:
+            row = await (await conn.execute(sql, (token_hash,))).fetchone()
+        return None if row is None else _session(row)
+
+    async def get(self, session_id: str) -> Session | None:
+        async with self.db.connection() as conn:
+            cursor = await conn.execute(
+                f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id = %s",  # noqa: S608
+                (session_id,),
+            )
+            row = await cursor.fetchone()
+        return None if row is None else _session(row)
+
+    async def revoke(self, session_id: str) -> bool:
+        async with self.db.connection() as conn:
+            cursor = await conn.execute(
+                "UPDATE sessions SET revoked = true WHERE id = %s AND NOT revoked", (session_id,)
+            )
+        return cursor.rowcount == 1
+
+    async def ping(self) -> None:
+        await self.db.ping()
+
+
+async def _fetch(cursor: psycopg.AsyncCursor[DictRow]) -> DictRow:
+    row = await cursor.fetchone()
+    assert row is not None  # the row was locked by this transaction
+    return row

@@ -1,0 +1,416 @@
+"""Redis adapters for ``CodeStore``, ``RateLimiter`` and ``EventBus`` (redis-py asyncio).
+
+Every decision is one Lua script, so it is atomic across processes and costs one round trip.
+Time comes from the adapter's clock, passed in as milliseconds: tests move it with a fake clock
+and every process of a deployment judges windows by the same rule. Key TTLs only clean up.
+
+Keys are ``{prefix}:{{subject}}:{name}``: the hash tag puts every key of one phone number (or
+one client IP) on one Redis Cluster slot, so each script's keys are on one node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar, cast
+
+import msgspec
+from redis import exceptions as rex
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.commands.core import AsyncScript
+
+from otpcore.domain.errors import ServiceUnavailable
+from otpcore.domain.events import Event
+from otpcore.domain.ports import CodeCheck, CodeOutcome, Limit, RateDecision
+
+Clock = Callable[[], float]
+T = TypeVar("T")
+
+# A PING before reusing a connection idle this long finds connections a restart left dead.
+HEALTH_CHECK_INTERVAL = 10
+
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    rex.ConnectionError,  # also BusyLoadingError, MaxConnectionsError, AuthenticationError
+    rex.TimeoutError,
+    rex.ClusterError,  # ClusterDownError, MasterDownError
+    rex.RedisClusterException,  # no reachable node, slots not covered
+    rex.TryAgainError,
+    rex.ReadOnlyError,  # a replica promoted away under us
+    rex.OutOfMemoryError,
+    TimeoutError,  # waiting for a free cluster connection (asyncio.timeout)
+)
+# Error replies that mean "the server cannot serve now", not "this call is wrong".
+_UNAVAILABLE_REPLIES = (
+    "OOM",
+    "BUSY",
+    "LOADING",
+    "MASTERDOWN",
+    "CLUSTERDOWN",
+    "TRYAGAIN",
+    "READONLY",
+    "NOREPLICAS",
+    "MISCONF",
+)
+
+
+def _unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, _UNAVAILABLE):
+        return True
+    return isinstance(exc, rex.ResponseError) and str(exc).startswith(_UNAVAILABLE_REPLIES)
+
+
+class RedisKeyspace:
+    """A client, the key prefix, the scripts registered on it, and the error mapping."""
+
+    def __init__(
+        self,
+        client: Redis | RedisCluster,
+        prefix: str = "otp",
+        *,
+        timeout: float = 2.0,
+        max_in_flight: int = 10,
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.timeout = timeout
+        self._scripts: dict[str, AsyncScript] = {}
+        # A cluster client: RedisCluster has no blocking pool (past max_connections a node
+        # raises at once), so callers queue at this gate instead (a server's pool queues them).
+        self._cluster = client if isinstance(client, RedisCluster) else None
+        self._gate = asyncio.Semaphore(max_in_flight)
+        self._discovering = asyncio.Lock()
+        self._discovered = False
+        # Sorted-set members must be unique per request: a random per-process tag and a counter.
+        self._tag = os.urandom(6).hex().encode()
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        cluster: bool,
+        prefix: str = "otp",
+        pool_size: int = 10,
+        timeout: float = 2.0,
+    ) -> RedisKeyspace:
+        """A keyspace whose calls fail with ServiceUnavailable within seconds when Redis is down.
+
+        Connect and read timeouts are ``timeout``. A connection error is retried once, so a
+        pooled connection that a restart killed reconnects unnoticed; on a single server a read
+        timeout is not retried: the script may have run, and none of these scripts is idempotent.
+        Nothing connects here; the client connects, and reconnects, on use.
+        """
+        options: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "health_check_interval": HEALTH_CHECK_INTERVAL,
+        }
+        backoff = ExponentialWithJitterBackoff(base=0.05, cap=0.5)
+        if cluster:
+            # The cluster client retries connection errors and timeouts alike, rebuilding its
+            # slot map in between; one retry keeps a dead cluster's answer within seconds.
+            client = RedisCluster.from_url(
+                url, max_connections=pool_size, retry=Retry(backoff, retries=1), **options
+            )
+            return cls(client, prefix, timeout=timeout, max_in_flight=pool_size)
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=pool_size,
+            timeout=timeout,  # wait for a free connection at most this long
+            retry=Retry(backoff, retries=1, supported_errors=(rex.ConnectionError,)),
+            **options,
+        )
+        return cls(Redis.from_pool(pool), prefix, timeout=timeout)
+
+    def key(self, subject: str, name: str) -> str:
+        return f"{self.prefix}:{{{subject}}}:{name}"
+
+    def unique(self) -> bytes:
+        return b"%s:%d" % (self._tag, next(self._ids))
+
+    def script(self, source: str) -> AsyncScript:
+        """The script registered for ``source``: loaded once per keyspace, run by its SHA."""
+        registered = self._scripts.get(source)
+        if registered is None:
+            registered = self._scripts[source] = self.client.register_script(source)
+        return registered
+
+    async def run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        # EVALSHA; on NOSCRIPT (a restarted or new node) the script loads itself and retries.
+        return await self.execute(lambda: script(keys=keys, args=args))
+
+    async def execute(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis call, turning "Redis cannot answer" into ServiceUnavailable."""
+        try:
+            if self._cluster is None:
+                return await call()
+            await self._discover(self._cluster)
+            async with asyncio.timeout(self.timeout):
+                await self._gate.acquire()
+            try:
+                return await call()
+            finally:
+                self._gate.release()
+        except Exception as exc:
+            if _unavailable(exc):
+                self._discovered = False
+                raise ServiceUnavailable() from exc
+            raise
+
+    async def _discover(self, cluster: RedisCluster) -> None:
+        # Commands sent while a RedisCluster client is still discovering its nodes can find
+        # their connection closed under them (redis-py 8.1: a few of 20 concurrent first calls
+        # fail), so one caller discovers while the others wait; again after any failure.
+        if self._discovered:
+            return
+        async with self._discovering:
+            if not self._discovered:
+                await cluster.initialize()
+                self._discovered = True
+
+    async def ping(self) -> None:
+        await self.execute(self.client.ping)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+# Sliding logs shared by the scripts: a sorted set per (limit, subject) holding the times, in
+# milliseconds of the caller's clock, of accepted requests; members are unique per request.
+# An entry is live while its time is after now - window (as SlidingLog in adapters.memory).
+_SLIDING_LOG = """
+local function live(key, now, window)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  return redis.call('ZCARD', key)
+end
+local function reset_after(key, count, now, window)
+  if count == 0 then return 0 end
+  local oldest = tonumber(redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2])
+  return math.max(0, math.ceil((oldest + window - now) / 1000))
+end
+local function record(key, now, window, member)
+  redis.call('ZADD', key, now, member)
+  redis.call('PEXPIRE', key, window)
+end
+"""
+
+# KEYS: one sorted set per limit. ARGV: now, member, then requests and window of each limit.
+# Returns {allowed, remaining_1, reset_after_1, remaining_2, ...}: all limits or none.
+_HIT = (
+    _SLIDING_LOG
+    + """
+local now = tonumber(ARGV[1])
+local function limit(i) return tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i]) end
+local counts, allowed = {}, 1
+for i, key in ipairs(KEYS) do
+  local requests, window = limit(i)
+  counts[i] = live(key, now, window)
+  if counts[i] >= requests then allowed = 0 end
+end
+local reply = {allowed}
+for i, key in ipairs(KEYS) do
+  local requests, window = limit(i)
+  if allowed == 1 then
+    record(key, now, window, ARGV[2] .. ':' .. i)
+    counts[i] = counts[i] + 1
+  end
+  reply[2 * i] = math.max(0, requests - counts[i])
+  reply[1 + 2 * i] = reset_after(key, counts[i], now, window)
+end
+return reply
+"""
+)
+
+# KEYS: the code hash, then the send-limit sorted set if there is a send limit.
+# ARGV: now, digest, expires_at, ttl, max_attempts, then member, requests, window of the limit.
+# Returns {allowed, remaining, reset_after}; a refused send leaves the previous code alone.
+_ISSUE = (
+    _SLIDING_LOG
+    + """
+local now = tonumber(ARGV[1])
+local reply = {1, 0, 0}
+if KEYS[2] then
+  local requests, window = tonumber(ARGV[7]), tonumber(ARGV[8])
+  local count = live(KEYS[2], now, window)
+  if count >= requests then
+    return {0, math.max(0, requests - count), reset_after(KEYS[2], count, now, window)}
+  end
+  record(KEYS[2], now, window, ARGV[6])
+  reply = {1, requests - count - 1, reset_after(KEYS[2], count + 1, now, window)}
+end
+redis.call('HSET', KEYS[1], 'digest', ARGV[2], 'expires_at', ARGV[3], 'attempts', ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return reply
+"""
+)
+
+# KEYS: the code hash, the failure-budget sorted set. ARGV: now, digest, requests, window, member.
+# Returns {outcome, attempts_remaining, retry_after}; outcome indexes _OUTCOMES.
+_CHECK = (
+    _SLIDING_LOG
+    + """
+local ACCEPTED, WRONG, BURNED, LOCKED, MISSING = 0, 1, 2, 3, 4
+local now, requests, window = tonumber(ARGV[1]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local failures = live(KEYS[2], now, window)
+if failures >= requests then
+  return {LOCKED, 0, reset_after(KEYS[2], failures, now, window)}
+end
+local code = redis.call('HMGET', KEYS[1], 'digest', 'expires_at', 'attempts')
+if not code[1] then return {MISSING, 0, 0} end
+if tonumber(code[2]) <= now then
+  redis.call('DEL', KEYS[1])
+  return {MISSING, 0, 0}
+end
+if tonumber(code[3]) <= 0 then return {BURNED, 0, 0} end
+-- A plain comparison is safe: both sides are HMAC-SHA256 outputs under a key Redis never
+-- sees, and an attacker cannot choose HMAC outputs, so how long it takes to find a mismatch
+-- tells nothing about the code.
+if code[1] == ARGV[2] then
+  redis.call('DEL', KEYS[1])
+  return {ACCEPTED, 0, 0}
+end
+local left = redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+record(KEYS[2], now, window, ARGV[5])
+failures = failures + 1
+if failures >= requests then
+  return {LOCKED, 0, reset_after(KEYS[2], failures, now, window)}
+end
+if left <= 0 then return {BURNED, 0, 0} end
+-- What is left is whichever runs out first: this code's attempts or the number's budget.
+return {WRONG, math.min(left, requests - failures), 0}
+"""
+)
+
+_OUTCOMES = (
+    CodeOutcome.ACCEPTED,
+    CodeOutcome.WRONG,
+    CodeOutcome.BURNED,
+    CodeOutcome.LOCKED,
+    CodeOutcome.MISSING,
+)
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
+class RedisRateLimiter:
+    def __init__(self, keyspace: RedisKeyspace, clock: Clock = time.time) -> None:
+        self.keyspace = keyspace
+        self.clock = clock
+        self._hit = keyspace.script(_HIT)
+
+    async def hit(self, limits: Sequence[Limit]) -> list[RateDecision]:
+        if not limits:
+            return []
+        # The limits of one call share a subject (the port says so), hence one cluster slot.
+        keys = [self.keyspace.key(limit.subject, f"rate:{limit.name}") for limit in limits]
+        args: list[Any] = [_ms(self.clock()), self.keyspace.unique()]
+        for limit in limits:
+            args += [limit.requests, _ms(limit.window)]
+        reply = await self.keyspace.run(self._hit, keys, args)
+        allowed = bool(reply[0])
+        return [
+            RateDecision(
+                allowed=allowed,
+                limit=limit.requests,
+                remaining=int(reply[1 + 2 * i]),
+                reset_after=int(reply[2 + 2 * i]),
+                name=limit.name,
+            )
+            for i, limit in enumerate(limits)
+        ]
+
+    async def ping(self) -> None:
+        await self.keyspace.ping()
+
+
+class RedisCodeStore:
+    """Codes as ``{digest, expires_at, attempts}`` hashes: digests only, never a plain code."""
+
+    def __init__(self, keyspace: RedisKeyspace, clock: Clock = time.time) -> None:
+        self.keyspace = keyspace
+        self.clock = clock
+        self._issue = keyspace.script(_ISSUE)
+        self._check = keyspace.script(_CHECK)
+
+    def _limit_key(self, phone: str, limit: Limit) -> str:
+        # Keyed by the phone, not limit.subject (which is the phone, from CodePolicy), so that
+        # every key a script touches is under the phone's hash tag.
+        return self.keyspace.key(phone, f"code:{limit.name}")
+
+    async def issue(
+        self, phone: str, digest: bytes, *, ttl: float, max_attempts: int, send_limit: Limit | None
+    ) -> RateDecision | None:
+        now = _ms(self.clock())
+        keys = [self.keyspace.key(phone, "code")]
+        args: list[Any] = [now, digest, now + _ms(ttl), max(1, math.ceil(ttl * 1000)), max_attempts]
+        if send_limit is not None:
+            keys.append(self._limit_key(phone, send_limit))
+            args += [self.keyspace.unique(), send_limit.requests, _ms(send_limit.window)]
+        allowed, remaining, reset_after = await self.keyspace.run(self._issue, keys, args)
+        if send_limit is None:
+            return None
+        return RateDecision(
+            allowed=bool(allowed),
+            limit=send_limit.requests,
+            remaining=int(remaining),
+            reset_after=int(reset_after),
+            name=send_limit.name,
+        )
+
+    async def check(self, phone: str, digest: bytes, *, failure_budget: Limit) -> CodeCheck:
+        keys = [self.keyspace.key(phone, "code"), self._limit_key(phone, failure_budget)]
+        args = [
+            _ms(self.clock()),
+            digest,
+            failure_budget.requests,
+            _ms(failure_budget.window),
+            self.keyspace.unique(),
+        ]
+        outcome, attempts, retry_after = await self.keyspace.run(self._check, keys, args)
+        return CodeCheck(
+            outcome=_OUTCOMES[outcome], attempts_remaining=int(attempts), retry_after=int(retry_after)
+        )
+
+    async def ping(self) -> None:
+        await self.keyspace.ping()
+
+
+class RedisEventBus:
+    """Events on a Redis Stream, trimmed to about ``max_len``; consumer groups read it."""
+
+    FIELD = b"event"
+
+    def __init__(self, keyspace: RedisKeyspace, *, stream: str = "events", max_len: int = 100_000) -> None:
+        self.keyspace = keyspace
+        self.stream = f"{keyspace.prefix}:{{{stream}}}"
+        self.max_len = max_len
+        self._decoder = msgspec.json.Decoder(Event)
+
+    async def publish(self, event: Event) -> None:
+        fields = {self.FIELD: msgspec.json.encode(event)}
+        client = self.keyspace.client
+        await self.keyspace.execute(
+            lambda: client.xadd(self.stream, fields, maxlen=self.max_len, approximate=True)  # type: ignore[arg-type]
+        )
+
+    async def read_all(self) -> list[Event]:
+        """Every event the stream holds, oldest first (for tests and tools)."""
+        client = self.keyspace.client
+        entries = cast(
+            "list[tuple[bytes, dict[bytes, bytes]]]",
+            await self.keyspace.execute(lambda: client.xrange(self.stream)),
+        )
+        return [self._decoder.decode(fields[self.FIELD]) for _, fields in entries]
+
+    async def ping(self) -> None:
+        await self.keyspace.ping()
