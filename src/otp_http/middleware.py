@@ -27,6 +27,8 @@ CLIENT_IP = "client_ip"
 RATE_LIMITED = "rate_limited"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _UNLIMITED_PREFIXES = ("/health",)
+# Path prefix -> the per-IP limit (RATE_LIMIT_<NAME>_*) applied on top of the global one.
+_PATH_LIMITS = (("/api/v1/auth/", "auth"), ("/api/v1/users/", "user"))
 
 
 class ClientIp:
@@ -74,36 +76,19 @@ class EdgeMiddleware:
         self.exempt = (*_UNLIMITED_PREFIXES, metrics_path)
 
     def limits_for(self, path: str, ip: str) -> list[Limit]:
-        s = self.settings
+        """The per-IP limits of a path: global for all, plus auth or user by prefix."""
         if path.startswith(self.exempt):
             return []
-        limits = [
+        names = ["global"] + [name for prefix, name in _PATH_LIMITS if path.startswith(prefix)]
+        return [
             Limit(
-                name="global",
+                name=name,
                 subject=ip,
-                requests=s.rate_limit_global_requests,
-                window=s.rate_limit_global_duration,
+                requests=getattr(self.settings, f"rate_limit_{name}_requests"),
+                window=getattr(self.settings, f"rate_limit_{name}_duration"),
             )
+            for name in names
         ]
-        if path.startswith("/api/v1/auth/"):
-            limits.append(
-                Limit(
-                    name="auth",
-                    subject=ip,
-                    requests=s.rate_limit_auth_requests,
-                    window=s.rate_limit_auth_duration,
-                )
-            )
-        elif path.startswith("/api/v1/users/"):
-            limits.append(
-                Limit(
-                    name="user",
-                    subject=ip,
-                    requests=s.rate_limit_user_requests,
-                    window=s.rate_limit_user_duration,
-                )
-            )
-        return limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

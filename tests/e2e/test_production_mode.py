@@ -248,3 +248,26 @@ def test_a_store_going_down_gives_503s_and_the_service_recovers_without_restart(
     finally:
         server.stop()
         proxy.close()
+
+
+def test_cluster_mode_shares_codes_and_limits_across_instances(
+    workdir: Path, production_env: dict[str, str], redis_cluster: list[str]
+) -> None:
+    env = {**production_env, **GENEROUS_LIMITS, "REDIS_URL": redis_cluster[0], "REDIS_CLUSTER_MODE": "true"}
+    first = Server(workdir, "cluster-first", env)
+    second = Server(workdir, "cluster-second", env)
+    try:
+        result = sign_in(first, "+14155550150", via=second)
+        assert result["user"]["phone_number"] == "+14155550150"
+        statuses = [
+            httpx.post(
+                f"{server.base}/api/v1/auth/send-otp", json={"phone_number": "+14155550151"}, timeout=10
+            ).status_code
+            for server in (first, second, first, second, first)
+        ]
+        assert statuses == [200, 200, 200, 429, 429]
+        ready = httpx.get(f"{second.base}/health/ready", timeout=10).json()
+        assert ready["checks"]["redis"] == "ok"
+    finally:
+        first.stop()
+        second.stop()

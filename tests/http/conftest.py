@@ -18,21 +18,7 @@ import pytest
 
 from otp_http import create_app
 from otpcore import Core, Settings, build_core
-
-try:
-    from tests.fakes import FakeClock
-except ImportError:  # pragma: no cover - another engineer's file
-
-    class FakeClock:  # type: ignore[no-redef]
-        def __init__(self, now: float = 1_700_000_000.0) -> None:
-            self.now = now
-
-        def __call__(self) -> float:
-            return self.now
-
-        def advance(self, seconds: float) -> None:
-            self.now += seconds
-
+from tests.fakes import FakeClock
 
 SECRET = "t" * 40
 ADMIN_PHONE = "+14155550100"
