@@ -23,6 +23,7 @@ from otpcore.adapters.postgres import PostgresDatabase, PostgresSessionStore, Po
 from otpcore.adapters.redis import RedisCodeStore, RedisEventBus, RedisKeyspace, RedisRateLimiter
 from otpcore.adapters.senders import ConsoleCodeSender
 from otpcore.adapters.sqlite import SqliteDatabase, SqliteSessionStore, SqliteUserRepo
+from otpcore.adapters.webhooks import WebhookCodeSender, WebhookPoster, WebhookSigner
 from otpcore.domain.codes import CodePolicy
 from otpcore.domain.model import PhonePolicy
 from otpcore.domain.services import AuthService, UserService
@@ -111,6 +112,15 @@ class Container(containers.DeclarativeContainer):
         settings.provided.otp_sender,
         console=providers.Singleton(ConsoleCodeSender),
         memory=providers.Singleton(MemoryCodeSender),
+        webhook=providers.Singleton(
+            WebhookCodeSender,
+            providers.Singleton(
+                WebhookPoster,
+                settings.provided.sms_webhook_url,
+                providers.Singleton(WebhookSigner, settings.provided.sms_webhook_secret),
+            ),
+            give_up_after=settings.provided.otp_expiry,
+        ),
     )
 
     # Test numbers are passed per call by AuthService: they are in force only until their date.
@@ -177,6 +187,8 @@ class Core:
             await self._database().close()
         if self.settings.fast_store == "redis":
             await self.container.redis().aclose()
+        if self.settings.otp_sender == "webhook":
+            await self.container.code_sender().aclose()
 
     async def __aenter__(self) -> Core:
         return self

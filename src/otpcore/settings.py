@@ -20,6 +20,7 @@ from urllib.parse import quote
 import msgspec
 from dotenv import dotenv_values
 
+from otpcore.adapters.webhooks import WebhookSigner
 from otpcore.domain.model import well_formed_e164
 from otpcore.domain.tokens import SUPPORTED_ALGORITHMS
 
@@ -110,7 +111,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     otp_max_failed_per_phone: int = 10
     otp_failed_window: int = 3600
     otp_hmac_secret: str = ""
-    otp_sender: Literal["console", "memory"] = "console"
+    otp_sender: Literal["console", "memory", "webhook"] = "console"
+    sms_webhook_url: str = ""
+    sms_webhook_secret: str = ""
     otp_sms_template: str = "Your sign-in code is {code}. It expires in {minutes} min."
     otp_test_phone_numbers: str = ""
     otp_test_phone_numbers_valid_until: str = ""
@@ -294,17 +297,32 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
                     f"OTP_TEST_PHONE_NUMBERS: the code of {phone} must be {self.otp_length} "
                     "characters of OTP_CODE_CHARSET"
                 )
+        if self.otp_sender == "webhook":
+            problems += self._webhook_problems()
         if self.is_production:
             problems += self._production_problems(test_codes, until)
         if problems:
             raise SettingsError("; ".join(problems))
 
+    def _webhook_problems(self) -> list[str]:
+        problems = []
+        if not self.sms_webhook_url.startswith(("https://", "http://")):
+            problems.append("OTP_SENDER=webhook needs SMS_WEBHOOK_URL (http:// or https://)")
+        try:
+            WebhookSigner(self.sms_webhook_secret)
+        except ValueError as exc:
+            problems.append(f"SMS_WEBHOOK_SECRET: {exc}")
+        return problems
+
     def _production_problems(self, test_codes: dict[str, str], until: date | None) -> list[str]:
         problems = []
         if self.jwt_algorithm == "HS256" and len(self.jwt_secret.encode()) < 32:
             problems.append("JWT_SECRET must be set and at least 32 bytes in production")
-        if self.otp_sender == "console":
-            problems.append("OTP_SENDER=console prints codes to the log; use webhook in production")
+        if self.otp_sender != "webhook":
+            problems.append(
+                f"OTP_SENDER={self.otp_sender} delivers no SMS (console prints codes to the log); "
+                "use OTP_SENDER=webhook in production"
+            )
         if test_codes:
             today = datetime.now(UTC).date()
             if until is None:

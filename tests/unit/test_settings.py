@@ -20,7 +20,13 @@ def env(**values: str) -> Settings:
 
 
 def prod(**values: str) -> dict[str, str]:
-    base = {"ENVIRONMENT": "production", "JWT_SECRET": SECRET, "OTP_SENDER": "memory"}
+    base = {
+        "ENVIRONMENT": "production",
+        "JWT_SECRET": SECRET,
+        "OTP_SENDER": "webhook",
+        "SMS_WEBHOOK_URL": "https://sms.example/otp",
+        "SMS_WEBHOOK_SECRET": "whsec_" + "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0IQ==",
+    }
     base.update(values)
     return base
 
@@ -337,3 +343,9 @@ def test_dev_secret_is_generated_only_outside_production() -> None:
     assert env().with_dev_secret().jwt_secret != s.jwt_secret
     configured = env(JWT_SECRET=SECRET)
     assert configured.with_dev_secret().jwt_secret == SECRET
+
+
+@pytest.mark.parametrize("sender", ["console", "memory"])
+def test_production_refuses_senders_that_deliver_no_sms(sender: str) -> None:
+    with pytest.raises(SettingsError, match=f"OTP_SENDER={sender}"):
+        Settings.from_env(prod(OTP_SENDER=sender), dotenv=None)
