@@ -16,7 +16,7 @@ from otp_http.controllers.system import VERSION, SystemController
 from otp_http.controllers.users import AdminUsersController, ProfileController
 from otp_http.errors import EXCEPTION_HANDLERS
 from otp_http.guards import provide_core
-from otp_http.metrics import Metrics, MetricsMiddleware
+from otp_http.metrics import MetricsMiddleware
 from otp_http.middleware import EdgeMiddleware
 from otpcore import Core, Settings, build_core
 
@@ -25,11 +25,11 @@ log = logging.getLogger("otp_http")
 
 
 async def _metrics_text(request: Request) -> Response[bytes]:
-    metrics: Metrics = request.app.state.metrics
-    return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    core: Core = request.app.state.core
+    return Response(core.telemetry.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-def create_litestar(core: Core, metrics: Metrics) -> Litestar:
+def create_litestar(core: Core) -> Litestar:
     """The Litestar app alone (routes, errors, OpenAPI), without the outer ASGI layers."""
     settings = core.settings
     handlers: list[object] = [
@@ -43,14 +43,13 @@ def create_litestar(core: Core, metrics: Metrics) -> Litestar:
 
     async def close_core() -> None:
         await core.aclose()
-        metrics.shutdown()
 
     return Litestar(
         route_handlers=handlers,  # type: ignore[arg-type]
         dependencies={"core": Provide(provide_core)},
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         request_max_body_size=MAX_BODY_BYTES,
-        state=State({"core": core, "metrics": metrics}),
+        state=State({"core": core}),
         cors_config=CORSConfig(
             allow_origins=list(settings.cors_origins),
             allow_methods=list(settings.cors_methods),  # type: ignore[arg-type]
@@ -81,12 +80,11 @@ def create_app(core: Core | None = None, settings: Settings | None = None) -> AS
             len(test_numbers),
             until,
         )
-    metrics = Metrics()
-    app = create_litestar(core, metrics)
+    app = create_litestar(core)
     edge = EdgeMiddleware(
         app,
         limiter=core.container.rate_limiter(),
         settings=core.settings,
         metrics_path=core.settings.metrics_endpoint,
     )
-    return MetricsMiddleware(edge, metrics)
+    return MetricsMiddleware(edge, core.telemetry)

@@ -13,7 +13,7 @@ from typing import TypeVar
 import msgspec
 import uvicorn
 
-from otp_http.app import create_app
+from otp_http.app import create_app, create_litestar
 from otp_http.logs import configure_logging
 from otpcore import Core, Role, Settings, SettingsError, build_core
 from otpcore.domain.errors import OtpError
@@ -97,10 +97,7 @@ def set_role(args: argparse.Namespace) -> None:
 
 def openapi(_: argparse.Namespace) -> None:
     settings = Settings(db_provider="memory", jwt_secret="openapi-document-only-" + "x" * 16)
-    from otp_http.app import create_litestar
-    from otp_http.metrics import Metrics
-
-    app = create_litestar(build_core(settings), Metrics())
+    app = create_litestar(build_core(settings))
     print(json.dumps(app.openapi_schema.to_schema(), indent=2))
 
 

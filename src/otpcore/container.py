@@ -29,6 +29,7 @@ from otpcore.domain.model import PhonePolicy
 from otpcore.domain.services import AuthService, UserService
 from otpcore.domain.tokens import TokenKeys, TokenService
 from otpcore.settings import Settings
+from otpcore.telemetry import Telemetry
 
 STORE_TIMEOUT = 3.0
 
@@ -135,8 +136,12 @@ class Container(containers.DeclarativeContainer):
         refresh_ttl=settings.provided.jwt_refresh_expiry,
         clock=clock,
     )
+    telemetry = providers.Singleton(Telemetry)
     auth = providers.Singleton(
         AuthService,
+        counters=telemetry,
+        limiter=rate_limiter,
+        country_hourly_limit=settings.provided.otp_country_hourly_limit,
         users=user_repo,
         codes=code_store,
         sessions=session_store,
@@ -161,6 +166,7 @@ class Core:
         self.users: UserService = container.users()
         self.tokens: TokenService = container.tokens()
         self.events = container.event_bus()
+        self.telemetry: Telemetry = container.telemetry()
 
     def checks(self) -> dict[str, Callable[[], Awaitable[None]]]:
         """One liveness probe per backing store, named for the store ("postgres", "redis", ...)."""
@@ -183,6 +189,7 @@ class Core:
 
     async def aclose(self) -> None:
         await self.auth.drain()
+        self.telemetry.shutdown()
         if self.settings.storage != "memory":
             await self._database().close()
         if self.settings.fast_store == "redis":

@@ -118,6 +118,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     otp_test_phone_numbers: str = ""
     otp_test_phone_numbers_valid_until: str = ""
     otp_allowed_countries: str = ""
+    otp_country_hourly_limit: int = 0
     otp_admin_phone_numbers: str = ""
     events_enabled: bool = True
     events_redis_channel: str = "events"

@@ -296,3 +296,21 @@ class MemoryCodeSender:
 
     def last_code(self, phone: str) -> str:
         return next(code for to, code, _ in reversed(self.sent) if to == phone)
+
+
+class MemoryCounters:
+    """Counts by name and labels in a dict; the default when no telemetry is wired."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, tuple[tuple[str, str], ...]], int] = {}
+
+    def add(self, name: str, /, **labels: str) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def total(self, name: str, **labels: str) -> int:
+        """The sum over every series of ``name`` whose labels include ``labels``."""
+        wanted = set(labels.items())
+        return sum(
+            n for (metric, series), n in self.counts.items() if metric == name and wanted <= set(series)
+        )

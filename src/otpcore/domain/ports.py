@@ -182,6 +182,14 @@ class EventBus(Protocol):
     async def ping(self) -> None: ...
 
 
+class Counters(Protocol):
+    """Where the domain counts what operators alert on (codes sent/verified per country, ...)."""
+
+    def add(self, name: str, /, **labels: str) -> None:
+        """Count one occurrence of ``name`` with these labels."""
+        ...
+
+
 class CodeSender(Protocol):
     async def send(self, phone: str, code: str, message: str) -> None:
         """Deliver ``message`` (which holds ``code``) to ``phone``; raise on failure."""

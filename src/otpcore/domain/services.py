@@ -33,8 +33,11 @@ from otpcore.domain.ports import (
     CodeOutcome,
     CodeSender,
     CodeStore,
+    Counters,
     EventBus,
+    Limit,
     RateDecision,
+    RateLimiter,
     RotationOutcome,
     SessionStore,
     UserRepo,
@@ -88,6 +91,9 @@ class AuthService:
         policy: CodePolicy,
         admin_numbers: frozenset[str] = frozenset(),
         clock: Callable[[], float] = time.time,
+        counters: Counters | None = None,
+        limiter: RateLimiter | None = None,
+        country_hourly_limit: int = 0,
     ) -> None:
         self.users = users
         self.codes = codes
@@ -99,12 +105,19 @@ class AuthService:
         self.policy = policy
         self.admin_numbers = admin_numbers
         self.clock = clock
+        self.counters = counters
+        # SMS-pumping defence: at most this many sends per destination country per hour.
+        self.limiter = limiter if country_hourly_limit > 0 else None
+        self.country_hourly_limit = country_hourly_limit
         self._deliveries: set[asyncio.Task[None]] = set()
 
     async def send_code(self, phone_number: str) -> SendResult:
         test_codes = self.policy.active_test_codes(self.clock())
         phone = self.phones.normalize(phone_number, test_numbers=test_codes)
         test_code = test_codes.get(phone)
+        country = self.phones.country_of(phone)
+        if test_code is None:
+            await self._check_country_budget(phone, country)
         code = test_code or self.policy.generate()
         decision = await self.codes.issue(
             phone,
@@ -128,13 +141,15 @@ class AuthService:
                 event_type=ev.OTP_GENERATED,
                 data={
                     "phone_number": phone,
+                    "country": country,
                     "expires_at": expires_at.isoformat(),
                     "test_number": test_code is not None,
                 },
             )
         )
+        self._count("otp_sent", country=country, test_number=str(test_code is not None).lower())
         if test_code is None:
-            self._deliver_later(phone, code)
+            self._deliver_later(phone, code, country)
         return SendResult(
             phone_number=phone,
             expires_in=self.policy.ttl,
@@ -142,17 +157,36 @@ class AuthService:
             test_number=test_code is not None,
         )
 
-    def _deliver_later(self, phone: str, code: str) -> None:
+    async def _check_country_budget(self, phone: str, country: str) -> None:
+        if self.limiter is None:
+            return
+        budget = Limit(name="otp_country", subject=country, requests=self.country_hourly_limit, window=3600)
+        [decision] = await self.limiter.hit([budget])
+        if not decision.allowed:
+            await self._publish(
+                ev.AUTH_RATE_LIMITED, phone_number=phone, limit="otp_country", country=country
+            )
+            raise RateLimitExceeded(
+                decision, f"too many codes sent to this country; try again in {decision.reset_after}s"
+            )
+
+    def _count(self, name: str, **labels: str) -> None:
+        if self.counters is not None:
+            self.counters.add(name, **labels)
+
+    def _deliver_later(self, phone: str, code: str, country: str) -> None:
         # The response does not wait on the provider; failures become events.
-        task = asyncio.create_task(self._deliver(phone, code))
+        task = asyncio.create_task(self._deliver(phone, code, country))
         self._deliveries.add(task)
         task.add_done_callback(self._deliveries.discard)
 
-    async def _deliver(self, phone: str, code: str) -> None:
+    async def _deliver(self, phone: str, code: str, country: str) -> None:
         try:
             await self.sender.send(phone, code, self.policy.message(code))
+            self._count("otp_deliveries", result="delivered", country=country)
         except Exception as exc:
             log.warning("code delivery to %s failed: %s", phone, type(exc).__name__)
+            self._count("otp_deliveries", result="failed", country=country)
             await self.events.publish(
                 Event(
                     event_type=ev.OTP_DELIVERY_FAILED,
@@ -185,7 +219,9 @@ class AuthService:
         if not user.is_active:
             await self._publish(ev.AUTH_FAILED, phone_number=phone, reason="user_inactive")
             raise UserInactive()
-        await self._publish(ev.OTP_VERIFIED, phone_number=phone, user_id=user.id)
+        country = self.phones.country_of(phone)
+        await self._publish(ev.OTP_VERIFIED, phone_number=phone, user_id=user.id, country=country)
+        self._count("otp_verified", country=country)
         if created:
             await self._publish(ev.USER_CREATED, user_id=user.id, phone_number=phone, role=user.role.value)
         result = await self._open_session(user)
