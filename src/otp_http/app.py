@@ -84,6 +84,7 @@ def create_app(core: Core | None = None, settings: Settings | None = None) -> AS
     edge = EdgeMiddleware(
         app,
         limiter=core.container.rate_limiter(),
+        events=core.events,
         settings=core.settings,
         metrics_path=core.settings.metrics_endpoint,
     )

@@ -6,6 +6,7 @@ It wraps the whole Litestar app (not app-level middleware) so that every respons
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 import uuid
@@ -17,7 +18,8 @@ from litestar.types import ASGIApp, HTTPResponseStartEvent, Message, Receive, Sc
 
 from otp_http.logs import request_id_var
 from otpcore.domain.errors import ServiceUnavailable
-from otpcore.domain.ports import Limit, RateDecision, RateLimiter
+from otpcore.domain.events import AUTH_RATE_LIMITED, Event
+from otpcore.domain.ports import EventBus, Limit, RateDecision, RateLimiter
 from otpcore.settings import Settings
 
 # Handlers append decisions (e.g. send-otp's per-number limit) here, in scope["state"].
@@ -68,9 +70,18 @@ def _is_ip(text: str) -> bool:
 
 
 class EdgeMiddleware:
-    def __init__(self, app: ASGIApp, *, limiter: RateLimiter, settings: Settings, metrics_path: str) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        limiter: RateLimiter,
+        events: EventBus,
+        settings: Settings,
+        metrics_path: str,
+    ) -> None:
         self.app = app
         self.limiter = limiter
+        self.events = events
         self.settings = settings
         self.client_ip = ClientIp(settings.trusted_proxy_networks)
         self.exempt = (*_UNLIMITED_PREFIXES, metrics_path)
@@ -119,6 +130,8 @@ class EdgeMiddleware:
                 if not decisions[-1].allowed:
                     full = _shown(decisions)
                     state[RATE_LIMITED] = full.name
+                    if full.name == "auth":
+                        await self._publish_rate_limited(ip, full)
                     await _reply(
                         send_with_headers,
                         429,
@@ -130,6 +143,12 @@ class EdgeMiddleware:
             await self.app(scope, receive, send_with_headers)
         finally:
             request_id_var.reset(token)
+
+    async def _publish_rate_limited(self, ip: str, decision: RateDecision) -> None:
+        event = Event(event_type=AUTH_RATE_LIMITED, data={"client_ip": ip, "limit": decision.name})
+        with contextlib.suppress(ServiceUnavailable):
+            # The 429 stands even if the event cannot be written.
+            await self.events.publish(event)
 
 
 def _incoming_request_id(scope: Scope) -> str | None:
