@@ -15,6 +15,7 @@ import uvicorn
 
 from otp_http.app import create_app, create_litestar
 from otp_http.logs import configure_logging
+from otp_http.tracing import configure_tracing, traced
 from otpcore import Core, Role, Settings, SettingsError, build_core
 from otpcore.domain.errors import OtpError
 
@@ -25,7 +26,9 @@ def app_from_env() -> object:
     """uvicorn's factory: one app per worker process, configured from the environment."""
     settings = Settings.from_env()
     configure_logging(settings.log_level, settings.log_format)
-    return create_app(settings=settings)
+    app = create_app(settings=settings)
+    provider = configure_tracing()
+    return traced(app, provider) if provider else app
 
 
 def _settings() -> Settings:

@@ -1,0 +1,51 @@
+"""Traces: with OTEL_TRACES_EXPORTER=console a real server emits HTTP, Redis and Postgres spans."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import Server
+
+pytestmark = pytest.mark.e2e
+
+
+def spans_in(log: str) -> list[dict]:
+    """The console exporter prints each span as an indented JSON object."""
+    decoder, spans, i = json.JSONDecoder(), [], 0
+    while (i := log.find('{\n    "name"', i)) != -1:
+        span, end = decoder.raw_decode(log, i)
+        spans.append(span)
+        i = end
+    return spans
+
+
+def test_spans_cover_http_redis_and_postgres(workdir: Path, production_env: dict[str, str]) -> None:
+    server = Server(workdir, "traced", {**production_env, "OTEL_TRACES_EXPORTER": "console"})
+    try:
+        phone = "+14155550177"
+        assert (
+            httpx.post(f"{server.base}/api/v1/auth/send-otp", json={"phone_number": phone}).status_code == 200
+        )
+        body = {"phone_number": phone, "otp_code": server.code_for(phone)}
+        assert httpx.post(f"{server.base}/api/v1/auth/verify-otp", json=body).status_code == 200
+    finally:
+        server.stop()  # SIGTERM: the batch processor flushes on exit
+    spans = spans_in(server.log.read_text())
+    kinds = {span["kind"] for span in spans}
+    assert "SpanKind.SERVER" in kinds
+    systems = {
+        span["attributes"].get("db.system") or span["attributes"].get("db.system.name") for span in spans
+    }
+    assert {"redis", "postgresql"} <= systems, systems
+    assert any(
+        "send-otp" in span["name"]
+        or span["attributes"].get("http.target") == "/api/v1/auth/send-otp"
+        or "/api/v1/auth/send-otp" in json.dumps(span["attributes"])
+        for span in spans
+    )
+    text = server.log.read_text()
+    assert body["otp_code"] not in text.replace(f"OTP for {phone}: {body['otp_code']}", "")
