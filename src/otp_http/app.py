@@ -41,6 +41,9 @@ def create_litestar(core: Core) -> Litestar:
     if settings.metrics_enabled:
         handlers.append(get(settings.metrics_endpoint, tags=["system"])(_metrics_text))
 
+    async def start_core() -> None:
+        await core.start()
+
     async def close_core() -> None:
         await core.aclose()
 
@@ -63,6 +66,7 @@ def create_litestar(core: Core) -> Litestar:
             ],
         ),
         openapi_config=OpenAPIConfig(title="otp-server", version=VERSION, path="/schema"),
+        on_startup=[start_core],
         on_shutdown=[close_core],
         debug=False,
         logging_config=None,

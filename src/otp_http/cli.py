@@ -1,11 +1,13 @@
-"""The ``otp-server`` command: serve, migrate, users, openapi."""
+"""The ``otp-server`` command: serve, migrate, users, events, openapi."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -17,7 +19,9 @@ from otp_http.app import create_app, create_litestar
 from otp_http.logs import configure_logging
 from otp_http.tracing import configure_tracing, traced
 from otpcore import Core, Role, Settings, SettingsError, build_core
+from otpcore.adapters.event_stream import EventStream, event_document
 from otpcore.domain.errors import OtpError
+from otpcore.domain.events import Event
 
 T = TypeVar("T")
 
@@ -98,6 +102,58 @@ def set_role(args: argparse.Namespace) -> None:
         sys.exit(f"otp-server: {exc.message}")
 
 
+def events_tail(args: argparse.Namespace) -> None:
+    settings = _settings()
+    if not settings.uses_redis:
+        print(
+            "otp-server: events tail needs Redis (REDIS_URL or REDIS_HOST): without it, events "
+            "stay in each server process's memory and there is no stream to follow",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    configure_logging(settings.log_level, "text")  # to stderr; stdout carries the events
+    asyncio.run(_tail(settings, args))
+
+
+async def _tail(settings: Settings, args: argparse.Namespace) -> None:
+    """Print events as JSON lines until SIGINT/SIGTERM (or the reader of stdout goes away)."""
+    main = asyncio.current_task()
+    assert main is not None
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(signum, main.cancel)
+    stream = EventStream.connect(
+        settings.redis_location,
+        cluster=settings.redis_cluster_mode,
+        prefix=settings.otp_redis_key_prefix,
+        stream=settings.events_redis_channel,
+    )
+    group = stream.group(args.group, args.consumer) if args.group else None
+    try:
+        if group is not None:
+            # Acknowledged once printed: a consumer that was down gets everything back.
+            await group.run(_print_event, from_start=args.from_start, give_up_on=(BrokenPipeError,))
+        else:
+            async for entry in stream.follow(from_start=args.from_start):
+                if entry.event is not None:
+                    await _print_event(entry.event)
+    except asyncio.CancelledError:
+        pass  # asked to stop: a clean exit
+    except BrokenPipeError:
+        # Nobody reads stdout any more (``| head``): exit quietly, without a second error at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    finally:
+        if group is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2):
+                    await group.leave()
+        await stream.aclose()
+
+
+async def _print_event(event: Event) -> None:
+    sys.stdout.write(msgspec.json.encode(event_document(event)).decode() + "\n")
+    sys.stdout.flush()
+
+
 def openapi(_: argparse.Namespace) -> None:
     settings = Settings(db_provider="memory", jwt_secret="openapi-document-only-" + "x" * 16)
     app = create_litestar(build_core(settings))
@@ -122,6 +178,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("phone")
     p.add_argument("role", choices=[r.value for r in Role])
     p.set_defaults(run=set_role)
+
+    events = commands.add_parser("events", help="the event stream").add_subparsers(
+        dest="action", required=True
+    )
+    p = events.add_parser("tail", help="print events as JSON lines as they happen")
+    p.add_argument("--group", help="read through this consumer group: at least once, resumes after a stop")
+    p.add_argument("--consumer", help="consumer name in the group (default: hostname-pid)")
+    p.add_argument(
+        "--from-start",
+        action="store_true",
+        help="begin with the oldest event the stream holds (with --group: when creating the group)",
+    )
+    p.set_defaults(run=events_tail)
 
     p = commands.add_parser("openapi", help="print the OpenAPI document")
     p.set_defaults(run=openapi)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from dependency_injector import containers, providers
 
+from otpcore.adapters.cache import CachedUserRepo
+from otpcore.adapters.event_stream import EventForwarder, EventStream
 from otpcore.adapters.memory import (
     MemoryCodeSender,
     MemoryCodeStore,
@@ -82,32 +84,46 @@ class Container(containers.DeclarativeContainer):
         prefix=settings.provided.otp_redis_key_prefix,
         pool_size=settings.provided.redis_pool_size,
     )
-    user_repo = providers.Selector(
-        settings.provided.storage,
-        memory=providers.Singleton(MemoryUserRepo, clock=clock),
-        sqlite=providers.Singleton(SqliteUserRepo, sqlite, clock=clock),
-        postgres=providers.Singleton(PostgresUserRepo, postgres, clock=clock),
-    )
     session_store = providers.Selector(
         settings.provided.storage,
         memory=providers.Singleton(MemorySessionStore),
         sqlite=providers.Singleton(SqliteSessionStore, sqlite),
         postgres=providers.Singleton(PostgresSessionStore, postgres),
     )
+    event_bus = providers.Selector(
+        settings.provided.fast_store,
+        memory=providers.Singleton(MemoryEventBus),
+        redis=providers.Singleton(RedisEventBus, redis, stream=settings.provided.events_redis_channel),
+    )
     code_store = providers.Selector(
         settings.provided.fast_store,
-        memory=providers.Singleton(MemoryCodeStore, clock=clock),
-        redis=providers.Singleton(RedisCodeStore, redis, clock=clock),
+        memory=providers.Singleton(MemoryCodeStore, clock=clock, events=event_bus),
+        redis=providers.Singleton(RedisCodeStore, redis, clock=clock, events=event_bus),
     )
     rate_limiter = providers.Selector(
         settings.provided.fast_store,
         memory=providers.Singleton(MemoryRateLimiter, clock=clock),
         redis=providers.Singleton(RedisRateLimiter, redis, clock=clock),
     )
-    event_bus = providers.Selector(
-        settings.provided.fast_store,
-        memory=providers.Singleton(MemoryEventBus),
-        redis=providers.Singleton(RedisEventBus, redis, stream=settings.provided.events_redis_channel),
+    # Outbound event webhooks: a consumer of the stream, on a Redis client of its own (it blocks).
+    event_forwarder = providers.Selector(
+        settings.provided.event_forwarding,
+        off=providers.Object(None),
+        webhook=providers.Singleton(
+            EventForwarder,
+            providers.Singleton(
+                EventStream.connect,
+                settings.provided.redis_location,
+                cluster=settings.provided.redis_cluster_mode,
+                prefix=settings.provided.otp_redis_key_prefix,
+                stream=settings.provided.events_redis_channel,
+            ),
+            providers.Singleton(
+                WebhookPoster,
+                settings.provided.events_webhook_url,
+                providers.Singleton(WebhookSigner, settings.provided.events_webhook_secret),
+            ),
+        ),
     )
     code_sender = providers.Selector(
         settings.provided.otp_sender,
@@ -137,6 +153,26 @@ class Container(containers.DeclarativeContainer):
         clock=clock,
     )
     telemetry = providers.Singleton(Telemetry)
+    # Database-backed users are cached: L1 in each process, plus L2 and invalidations in Redis.
+    user_cache_keyspace = providers.Selector(
+        settings.provided.fast_store, memory=providers.Object(None), redis=redis
+    )
+    user_repo = providers.Selector(
+        settings.provided.storage,
+        memory=providers.Singleton(MemoryUserRepo, clock=clock),
+        sqlite=providers.Singleton(
+            CachedUserRepo,
+            providers.Singleton(SqliteUserRepo, sqlite, clock=clock),
+            keyspace=user_cache_keyspace,
+            counters=telemetry,
+        ),
+        postgres=providers.Singleton(
+            CachedUserRepo,
+            providers.Singleton(PostgresUserRepo, postgres, clock=clock),
+            keyspace=user_cache_keyspace,
+            counters=telemetry,
+        ),
+    )
     auth = providers.Singleton(
         AuthService,
         counters=telemetry,
@@ -167,6 +203,7 @@ class Core:
         self.tokens: TokenService = container.tokens()
         self.events = container.event_bus()
         self.telemetry: Telemetry = container.telemetry()
+        self._forwarder: EventForwarder | None = None
 
     def checks(self) -> dict[str, Callable[[], Awaitable[None]]]:
         """One liveness probe per backing store, named for the store ("postgres", "redis", ...)."""
@@ -187,8 +224,19 @@ class Core:
             return self.container.postgres()
         return self.container.sqlite()
 
+    async def start(self) -> None:
+        """Start the background work of a serving process: the event forwarder, if configured."""
+        self._forwarder = self.container.event_forwarder()
+        if self._forwarder is not None:
+            self._forwarder.start()
+
     async def aclose(self) -> None:
         await self.auth.drain()
+        if self._forwarder is not None:
+            await self._forwarder.stop()  # before the Redis clients go
+        user_repo = self.container.user_repo()
+        if isinstance(user_repo, CachedUserRepo):
+            await user_repo.aclose()  # its listener, before the Redis client goes
         self.telemetry.shutdown()
         if self.settings.storage != "memory":
             await self._database().close()

@@ -124,6 +124,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     events_redis_channel: str = "events"
     events_batch_size: int = 100
     events_flush_interval: int = 5
+    events_webhook_url: str = ""
+    events_webhook_secret: str = ""
     rate_limit_global_requests: int = 100
     rate_limit_global_duration: int = 60
     rate_limit_auth_requests: int = 20
@@ -203,6 +205,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     def fast_store(self) -> str:
         """Where codes, limits and events live: "redis" when configured, else "memory"."""
         return "redis" if self.uses_redis else "memory"
+
+    @property
+    def event_forwarding(self) -> Literal["webhook", "off"]:
+        """Whether each process forwards the event stream to EVENTS_WEBHOOK_URL."""
+        return "webhook" if self.events_webhook_url else "off"
 
     @property
     def should_migrate_on_start(self) -> bool:
@@ -299,21 +306,15 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
                     "characters of OTP_CODE_CHARSET"
                 )
         if self.otp_sender == "webhook":
-            problems += self._webhook_problems()
+            problems += _webhook_problems("SMS", self.sms_webhook_url, self.sms_webhook_secret)
+        if self.events_webhook_url or self.events_webhook_secret:
+            problems += _webhook_problems("EVENTS", self.events_webhook_url, self.events_webhook_secret)
+            if not self.uses_redis:
+                problems.append("EVENTS_WEBHOOK_URL needs REDIS_URL: events are forwarded from its stream")
         if self.is_production:
             problems += self._production_problems(test_codes, until)
         if problems:
             raise SettingsError("; ".join(problems))
-
-    def _webhook_problems(self) -> list[str]:
-        problems = []
-        if not self.sms_webhook_url.startswith(("https://", "http://")):
-            problems.append("OTP_SENDER=webhook needs SMS_WEBHOOK_URL (http:// or https://)")
-        try:
-            WebhookSigner(self.sms_webhook_secret)
-        except ValueError as exc:
-            problems.append(f"SMS_WEBHOOK_SECRET: {exc}")
-        return problems
 
     def _production_problems(self, test_codes: dict[str, str], until: date | None) -> list[str]:
         problems = []
@@ -333,6 +334,18 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
             elif until > today + timedelta(days=90):
                 problems.append("OTP_TEST_PHONE_NUMBERS_VALID_UNTIL must be at most 90 days ahead")
         return problems
+
+
+def _webhook_problems(name: str, url: str, secret: str) -> list[str]:
+    """The checks of a signed outbound webhook: ``{name}_WEBHOOK_URL`` and ``_SECRET``."""
+    problems = []
+    if not url.startswith(("https://", "http://")):
+        problems.append(f"{name}_WEBHOOK_URL must be an http:// or https:// URL")
+    try:
+        WebhookSigner(secret)
+    except ValueError as exc:
+        problems.append(f"{name}_WEBHOOK_SECRET: {exc}")
+    return problems
 
 
 def _env_name(message: str) -> str:

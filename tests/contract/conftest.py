@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from otpcore.adapters.cache import CachedUserRepo
 from otpcore.adapters.memory import (
     MemoryCodeStore,
     MemoryEventBus,
@@ -36,13 +37,23 @@ async def sqlite_db(tmp_path) -> AsyncIterator[SqliteDatabase]:
     await db.close()
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgres"])
+@pytest.fixture(params=["memory", "sqlite", "postgres", "cached"])
 def user_repo(request, clock):
     if request.param == "memory":
         return MemoryUserRepo(clock=clock)
     if request.param == "postgres":
         return PostgresUserRepo(request.getfixturevalue("pg_database"), clock=clock)
+    if request.param == "cached":
+        return request.getfixturevalue("cached_user_repo")
     return SqliteUserRepo(request.getfixturevalue("sqlite_db"), clock=clock)
+
+
+@pytest.fixture
+async def cached_user_repo(sqlite_db, redis_keyspace, clock) -> AsyncIterator[CachedUserRepo]:
+    """SQLite behind both cache layers, L2 on a Redis key prefix of the test's own."""
+    cached = CachedUserRepo(SqliteUserRepo(sqlite_db, clock=clock), keyspace=redis_keyspace)
+    yield cached
+    await cached.aclose()
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])

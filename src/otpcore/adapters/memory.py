@@ -97,15 +97,25 @@ class _Code(msgspec.Struct):
 class MemoryCodeStore:
     SWEEP_AT = 10_000
 
-    def __init__(self, clock: Clock = time.time) -> None:
+    def __init__(self, clock: Clock = time.time, *, events: MemoryEventBus | None = None) -> None:
         self.clock = clock
+        self.events = events
         self.log = SlidingLog(clock)
         self._codes: dict[str, _Code] = {}
         self._sweep_at = self.SWEEP_AT
 
     async def issue(
-        self, phone: str, digest: bytes, *, ttl: float, max_attempts: int, send_limit: Limit | None
+        self,
+        phone: str,
+        digest: bytes,
+        *,
+        ttl: float,
+        max_attempts: int,
+        send_limit: Limit | None,
+        event: Event | None = None,
     ) -> RateDecision | None:
+        if event is not None and self.events is None:
+            raise ValueError("this code store has no event bus to publish the send's event to")
         decision = self.log.decide([send_limit])[0] if send_limit else None
         if decision is None or decision.allowed:
             now = self.clock()
@@ -113,6 +123,8 @@ class MemoryCodeStore:
                 self._codes = {p: c for p, c in self._codes.items() if c.expires_at > now}
                 self._sweep_at = max(self.SWEEP_AT, 2 * len(self._codes))
             self._codes[phone] = _Code(digest, now + ttl, max_attempts)
+            if event is not None and self.events is not None:
+                self.events.events.append(event)
         return decision
 
     async def check(self, phone: str, digest: bytes, *, failure_budget: Limit) -> CodeCheck:
@@ -278,8 +290,8 @@ class MemoryEventBus:
     def __init__(self, max_events: int = 10_000) -> None:
         self.events: deque[Event] = deque(maxlen=max_events)
 
-    async def publish(self, event: Event) -> None:
-        self.events.append(event)
+    async def publish(self, *events: Event) -> None:
+        self.events.extend(events)
 
     async def ping(self) -> None:
         return None

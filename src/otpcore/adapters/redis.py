@@ -49,7 +49,7 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 # Error replies that mean "the server cannot serve now", not "this call is wrong".
 _UNAVAILABLE_REPLIES = (
     "OOM",
-    "BUSY",
+    "BUSY ",  # a busy script; not BUSYGROUP, which says a consumer group exists
     "LOADING",
     "MASTERDOWN",
     "CLUSTERDOWN",
@@ -90,6 +90,10 @@ class RedisKeyspace:
         # Sorted-set members must be unique per request: a random per-process tag and a counter.
         self._tag = os.urandom(6).hex().encode()
         self._ids = itertools.count()
+
+    @property
+    def is_cluster(self) -> bool:
+        return self._cluster is not None
 
     @classmethod
     def from_url(
@@ -232,13 +236,18 @@ return reply
 # KEYS: the code hash, then the send-limit sorted set if there is a send limit.
 # ARGV: now, digest, expires_at, ttl, max_attempts, then member, requests, window of the limit.
 # Returns {allowed, remaining, reset_after}; a refused send leaves the previous code alone.
+# KEYS: the code hash, the send-limit sorted set (the code key again when there is no limit),
+# and the event stream when the event goes in the same step. ARGV: now, digest, expires_at, ttl,
+# max_attempts, member, requests (0: no limit), window, then the event and the stream's max length.
+# Returns {allowed, remaining, reset_after}.
 _ISSUE = (
     _SLIDING_LOG
     + """
 local now = tonumber(ARGV[1])
 local reply = {1, 0, 0}
-if KEYS[2] then
-  local requests, window = tonumber(ARGV[7]), tonumber(ARGV[8])
+local requests = tonumber(ARGV[7])
+if requests > 0 then
+  local window = tonumber(ARGV[8])
   local count = live(KEYS[2], now, window)
   if count >= requests then
     return {0, math.max(0, requests - count), reset_after(KEYS[2], count, now, window)}
@@ -248,6 +257,9 @@ if KEYS[2] then
 end
 redis.call('HSET', KEYS[1], 'digest', ARGV[2], 'expires_at', ARGV[3], 'attempts', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
+if KEYS[3] then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[10], '*', 'event', ARGV[9])
+end
 return reply
 """
 )
@@ -336,9 +348,14 @@ class RedisRateLimiter:
 class RedisCodeStore:
     """Codes as ``{digest, expires_at, attempts}`` hashes: digests only, never a plain code."""
 
-    def __init__(self, keyspace: RedisKeyspace, clock: Clock = time.time) -> None:
+    def __init__(
+        self, keyspace: RedisKeyspace, clock: Clock = time.time, *, events: RedisEventBus | None = None
+    ) -> None:
         self.keyspace = keyspace
         self.clock = clock
+        # With an event bus, a send's event is appended in the send's own script (one round
+        # trip) -- except on a cluster, where the stream lives on another slot.
+        self.events = events
         self._issue = keyspace.script(_ISSUE)
         self._check = keyspace.script(_CHECK)
 
@@ -348,15 +365,33 @@ class RedisCodeStore:
         return self.keyspace.key(phone, f"code:{limit.name}")
 
     async def issue(
-        self, phone: str, digest: bytes, *, ttl: float, max_attempts: int, send_limit: Limit | None
+        self,
+        phone: str,
+        digest: bytes,
+        *,
+        ttl: float,
+        max_attempts: int,
+        send_limit: Limit | None,
+        event: Event | None = None,
     ) -> RateDecision | None:
+        if event is not None and self.events is None:
+            raise ValueError("this code store has no event bus to publish the send's event to")
         now = _ms(self.clock())
-        keys = [self.keyspace.key(phone, "code")]
+        code_key = self.keyspace.key(phone, "code")
+        keys = [code_key, self._limit_key(phone, send_limit) if send_limit else code_key]
         args: list[Any] = [now, digest, now + _ms(ttl), max(1, math.ceil(ttl * 1000)), max_attempts]
-        if send_limit is not None:
-            keys.append(self._limit_key(phone, send_limit))
-            args += [self.keyspace.unique(), send_limit.requests, _ms(send_limit.window)]
+        args += (
+            [self.keyspace.unique(), send_limit.requests, _ms(send_limit.window)]
+            if send_limit
+            else ["", 0, 0]
+        )
+        in_script = self.events is not None and event is not None and not self.keyspace.is_cluster
+        if self.events is not None and event is not None and in_script:
+            keys.append(self.events.stream)
+            args += [msgspec.json.encode(event), self.events.max_len]
         allowed, remaining, reset_after = await self.keyspace.run(self._issue, keys, args)
+        if allowed and self.events is not None and event is not None and not in_script:
+            await self.events.publish(event)
         if send_limit is None:
             return None
         return RateDecision(
@@ -396,12 +431,19 @@ class RedisEventBus:
         self.max_len = max_len
         self._decoder = msgspec.json.Decoder(Event)
 
-    async def publish(self, event: Event) -> None:
-        fields = {self.FIELD: msgspec.json.encode(event)}
+    async def publish(self, *events: Event) -> None:
+        """Append ``events`` in one round trip."""
         client = self.keyspace.client
-        await self.keyspace.execute(
-            lambda: client.xadd(self.stream, fields, maxlen=self.max_len, approximate=True)  # type: ignore[arg-type]
-        )
+
+        async def append() -> object:
+            pipe = client.pipeline(transaction=False)
+            for event in events:
+                fields = {self.FIELD: msgspec.json.encode(event)}
+                pipe.xadd(self.stream, fields, maxlen=self.max_len, approximate=True)  # type: ignore[arg-type]
+            return await pipe.execute()
+
+        if events:
+            await self.keyspace.execute(append)
 
     async def read_all(self) -> list[Event]:
         """Every event the stream holds, oldest first (for tests and tools)."""

@@ -57,10 +57,10 @@ class WebhookPoster:
         self.first_backoff = first_backoff
         self._client: httpx.AsyncClient | None = None
 
-    async def post(self, payload: object, *, give_up_after: float) -> int:
+    async def post(self, payload: object, *, give_up_after: float, message_id: str | None = None) -> int:
         """Deliver ``payload``; the number of attempts it took. Raises DeliveryFailed."""
         body = msgspec.json.encode(payload)
-        message_id = f"msg_{uuid.uuid4().hex}"
+        message_id = message_id or f"msg_{uuid.uuid4().hex}"
         deadline = time.monotonic() + give_up_after
         backoff, attempt = self.first_backoff, 0
         while True:

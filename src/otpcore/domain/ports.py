@@ -70,12 +70,20 @@ class RateLimiter(Protocol):
 
 class CodeStore(Protocol):
     async def issue(
-        self, phone: str, digest: bytes, *, ttl: float, max_attempts: int, send_limit: Limit | None
+        self,
+        phone: str,
+        digest: bytes,
+        *,
+        ttl: float,
+        max_attempts: int,
+        send_limit: Limit | None,
+        event: Event | None = None,
     ) -> RateDecision | None:
         """Replace the number's code with ``digest`` if ``send_limit`` has room, atomically.
 
         Returns the send-limit decision (None when no limit applies); when it is not allowed
-        the previous code stays as it was.
+        the previous code stays as it was. When it is, ``event`` is published with the code
+        (by a store wired to an event bus; in the same step where the store can).
         """
         ...
 
@@ -177,7 +185,9 @@ class SessionStore(Protocol):
 
 
 class EventBus(Protocol):
-    async def publish(self, event: Event) -> None: ...
+    async def publish(self, *events: Event) -> None:
+        """Append ``events`` (one round trip for all); returns once they are stored."""
+        ...
 
     async def ping(self) -> None: ...
 

@@ -119,34 +119,32 @@ class AuthService:
         if test_code is None:
             await self._check_country_budget(phone, country)
         code = test_code or self.policy.generate()
+        expires_at = datetime.fromtimestamp(self.clock(), UTC) + timedelta(seconds=self.policy.ttl)
+        generated = Event(
+            event_type=ev.OTP_GENERATED,
+            data={
+                "phone_number": phone,
+                "country": country,
+                "expires_at": expires_at.isoformat(),
+                "test_number": test_code is not None,
+            },
+        )
+        # The store writes the event with the code: one round trip where it can.
         decision = await self.codes.issue(
             phone,
             self.policy.digest(phone, code),
             ttl=self.policy.ttl,
             max_attempts=self.policy.max_attempts,
             send_limit=None if test_code else self.policy.send_limit(phone),
+            event=generated,
         )
         if decision is not None and not decision.allowed:
-            await self.events.publish(
-                Event(event_type=ev.AUTH_RATE_LIMITED, data={"phone_number": phone, "limit": "otp"})
-            )
+            await self._publish(ev.AUTH_RATE_LIMITED, phone_number=phone, limit="otp")
             raise RateLimitExceeded(
                 decision,
                 f"too many codes requested for this number. Limit: {decision.limit} "
                 f"per {self.policy.send_window}s. Try again in {decision.reset_after}s.",
             )
-        expires_at = datetime.fromtimestamp(self.clock(), UTC) + timedelta(seconds=self.policy.ttl)
-        await self.events.publish(
-            Event(
-                event_type=ev.OTP_GENERATED,
-                data={
-                    "phone_number": phone,
-                    "country": country,
-                    "expires_at": expires_at.isoformat(),
-                    "test_number": test_code is not None,
-                },
-            )
-        )
         self._count("otp_sent", country=country, test_number=str(test_code is not None).lower())
         if test_code is None:
             self._deliver_later(phone, code, country)
@@ -219,13 +217,27 @@ class AuthService:
         if not user.is_active:
             await self._publish(ev.AUTH_FAILED, phone_number=phone, reason="user_inactive")
             raise UserInactive()
-        country = self.phones.country_of(phone)
-        await self._publish(ev.OTP_VERIFIED, phone_number=phone, user_id=user.id, country=country)
-        self._count("otp_verified", country=country)
-        if created:
-            await self._publish(ev.USER_CREATED, user_id=user.id, phone_number=phone, role=user.role.value)
         result = await self._open_session(user)
-        await self._publish(ev.USER_AUTHENTICATED, user_id=user.id, phone_number=phone)
+        country = self.phones.country_of(phone)
+        events = [
+            Event(
+                event_type=ev.OTP_VERIFIED,
+                data={"phone_number": phone, "user_id": user.id, "country": country},
+            )
+        ]
+        if created:
+            events.append(
+                Event(
+                    event_type=ev.USER_CREATED,
+                    data={"user_id": user.id, "phone_number": phone, "role": user.role.value},
+                )
+            )
+        events.append(
+            Event(event_type=ev.USER_AUTHENTICATED, data={"user_id": user.id, "phone_number": phone})
+        )
+        # All of a sign-in's events in one append, before the response acknowledges it.
+        await self.events.publish(*events)
+        self._count("otp_verified", country=country)
         return msgspec.structs.replace(result, created=created)
 
     async def _refuse(self, phone: str, outcome: CodeOutcome, remaining: int, retry_after: int) -> None:
