@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint
+.PHONY: run test lint bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,3 +27,7 @@ lint: $(VENV)/.test-deps
 
 test: lint
 	$(BIN)/pytest
+
+# The load benchmark (needs local Postgres, Redis and wrk; see bench/README.md). BENCH_ARGS=--help
+bench: $(VENV)/.run-deps
+	$(BIN)/python -m bench $(BENCH_ARGS)

@@ -38,6 +38,8 @@ STATUS: dict[type[e.OtpError], int] = {
     e.ServiceUnavailable: 503,
 }
 
+# What Litestar says when the client hangs up while sending its body.
+CLIENT_GONE = "client disconnected prematurely"
 _MISSING_FIELD = re.compile(r"missing required field `(\w+)`")
 
 
@@ -67,6 +69,10 @@ def http_error(_: Request, exc: HTTPException) -> Response[ErrorBody]:
         # A plain 400 from the framework is a body it could not decode.
         return error_response(400, "invalid_request", "request body is not valid JSON")
     if exc.status_code >= 500:
+        if exc.detail == CLIENT_GONE:
+            # Nobody is left to read the answer; not a failure of ours.
+            log.info("client disconnected before its request body arrived")
+            return error_response(400, "invalid_request", "request body incomplete")
         return internal_error(_, exc)
     return error_response(exc.status_code, "invalid_request", str(exc.detail))
 

@@ -24,12 +24,13 @@ from otpcore.adapters.memory import (
 from otpcore.adapters.postgres import PostgresDatabase, PostgresSessionStore, PostgresUserRepo
 from otpcore.adapters.redis import RedisCodeStore, RedisEventBus, RedisKeyspace, RedisRateLimiter
 from otpcore.adapters.senders import ConsoleCodeSender
+from otpcore.adapters.session_cache import CachedSessionStore
 from otpcore.adapters.sqlite import SqliteDatabase, SqliteSessionStore, SqliteUserRepo
 from otpcore.adapters.webhooks import WebhookCodeSender, WebhookPoster, WebhookSigner
 from otpcore.domain.codes import CodePolicy
 from otpcore.domain.model import PhonePolicy
 from otpcore.domain.services import AuthService, UserService
-from otpcore.domain.tokens import TokenKeys, TokenService
+from otpcore.domain.tokens import CLOCK_SKEW_LEEWAY, TokenKeys, TokenService
 from otpcore.settings import Settings
 from otpcore.telemetry import Telemetry
 
@@ -84,11 +85,27 @@ class Container(containers.DeclarativeContainer):
         prefix=settings.provided.otp_redis_key_prefix,
         pool_size=settings.provided.redis_pool_size,
     )
+    # Caches share Redis (L2, version tokens, revocation markers) when there is one.
+    cache_keyspace = providers.Selector(
+        settings.provided.fast_store, memory=providers.Object(None), redis=redis
+    )
+    # A revocation marker outlives every access token of the session it names.
+    revoked_ttl = providers.Callable(lambda s: s.jwt_expiry + CLOCK_SKEW_LEEWAY + 60, settings)
     session_store = providers.Selector(
         settings.provided.storage,
         memory=providers.Singleton(MemorySessionStore),
-        sqlite=providers.Singleton(SqliteSessionStore, sqlite),
-        postgres=providers.Singleton(PostgresSessionStore, postgres),
+        sqlite=providers.Singleton(
+            CachedSessionStore,
+            providers.Singleton(SqliteSessionStore, sqlite),
+            keyspace=cache_keyspace,
+            revoked_ttl=revoked_ttl,
+        ),
+        postgres=providers.Singleton(
+            CachedSessionStore,
+            providers.Singleton(PostgresSessionStore, postgres),
+            keyspace=cache_keyspace,
+            revoked_ttl=revoked_ttl,
+        ),
     )
     event_bus = providers.Selector(
         settings.provided.fast_store,
@@ -154,22 +171,19 @@ class Container(containers.DeclarativeContainer):
     )
     telemetry = providers.Singleton(Telemetry)
     # Database-backed users are cached: L1 in each process, plus L2 and invalidations in Redis.
-    user_cache_keyspace = providers.Selector(
-        settings.provided.fast_store, memory=providers.Object(None), redis=redis
-    )
     user_repo = providers.Selector(
         settings.provided.storage,
         memory=providers.Singleton(MemoryUserRepo, clock=clock),
         sqlite=providers.Singleton(
             CachedUserRepo,
             providers.Singleton(SqliteUserRepo, sqlite, clock=clock),
-            keyspace=user_cache_keyspace,
+            keyspace=cache_keyspace,
             counters=telemetry,
         ),
         postgres=providers.Singleton(
             CachedUserRepo,
             providers.Singleton(PostgresUserRepo, postgres, clock=clock),
-            keyspace=user_cache_keyspace,
+            keyspace=cache_keyspace,
             counters=telemetry,
         ),
     )

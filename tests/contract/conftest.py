@@ -19,6 +19,7 @@ from otpcore.adapters.memory import (
 )
 from otpcore.adapters.postgres import PostgresSessionStore, PostgresUserRepo
 from otpcore.adapters.redis import RedisCodeStore, RedisEventBus, RedisRateLimiter
+from otpcore.adapters.session_cache import CachedSessionStore
 from otpcore.adapters.sqlite import SqliteDatabase, SqliteSessionStore, SqliteUserRepo
 from otpcore.domain.events import Event
 from otpcore.domain.model import Role
@@ -56,18 +57,24 @@ async def cached_user_repo(sqlite_db, redis_keyspace, clock) -> AsyncIterator[Ca
     await cached.aclose()
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgres"])
+@pytest.fixture(params=["memory", "sqlite", "postgres", "cached"])
 def session_store(request):
     if request.param == "memory":
         return MemorySessionStore()
     if request.param == "postgres":
         return PostgresSessionStore(request.getfixturevalue("pg_database"))
+    if request.param == "cached":
+        # SQLite behind the per-process cache, revocations marked on the test's Redis prefix.
+        inner = SqliteSessionStore(request.getfixturevalue("sqlite_db"))
+        return CachedSessionStore(inner, keyspace=request.getfixturevalue("redis_keyspace"), revoked_ttl=60)
     return SqliteSessionStore(request.getfixturevalue("sqlite_db"))
 
 
 @pytest.fixture
 async def user_id(session_store) -> int:
     """A user sessions may belong to: stores with foreign keys need a real one."""
+    if isinstance(session_store, CachedSessionStore):
+        session_store = session_store.inner
     if isinstance(session_store, SqliteSessionStore):
         repo: SqliteUserRepo | PostgresUserRepo = SqliteUserRepo(session_store.db)
     elif isinstance(session_store, PostgresSessionStore):

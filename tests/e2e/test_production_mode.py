@@ -150,7 +150,7 @@ class Flow:
         self.token = token
         self.results: list[tuple[str, int, float]] = []
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(3)]
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(4)]
 
     def __enter__(self) -> Flow:
         for thread in self._threads:
@@ -166,13 +166,20 @@ class Flow:
         with httpx.Client(base_url=self.server.base, timeout=10) as client:
             while not self._stop.is_set():
                 started = time.monotonic()
-                kind = ("send", "profile", "verify")[i]
+                # Cached reads may outlive a database outage; a rename always needs the database.
+                kind = ("send", "profile", "verify", "rename")[i]
                 try:
                     if kind == "send":
                         r = client.post("/api/v1/auth/send-otp", json={"phone_number": random_phone()})
                     elif kind == "profile":
                         r = client.get(
                             "/api/v1/users/profile", headers={"Authorization": f"Bearer {self.token}"}
+                        )
+                    elif kind == "rename":
+                        r = client.put(
+                            "/api/v1/users/profile",
+                            headers={"Authorization": f"Bearer {self.token}"},
+                            json={"name": f"Ada {random.randint(0, 999)}"},
                         )
                     else:
                         r = client.post(

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import threading
 import time
@@ -124,9 +125,11 @@ async def test_a_receiver_that_always_fails_gives_delivery_failed(receiver_facto
     core = build_core(settings_for(receiver.url, otp_expiry=2))
     await core.auth.send_code("+14155550123")
     await asyncio.wait_for(core.auth.drain(), 10)
+    metrics = core.telemetry.render().decode()
     await core.aclose()
     failed = [e for e in core.events.events if e.event_type == "otp:delivery_failed"]
     assert len(failed) == 1 and failed[0].data["phone_number"] == "+14155550123"
+    assert re.search(r'otp_deliveries_total\{[^}]*result="failed"[^}]*\} 1\.0', metrics), metrics
     assert len(receiver.requests) >= 2
     for event in core.events.events:
         assert "message" not in event.data

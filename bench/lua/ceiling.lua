@@ -1,0 +1,1 @@
+-- The ceiling: GET / of bench/ceiling.py, one static request (nothing but common.lua).
