@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,3 +32,16 @@ def test_every_setting_is_documented() -> None:
         name = field.upper()
         assert f"{name}=" in example, f"{name} missing from config.env.example"
         assert f"`{name}`" in readme, f"{name} missing from the README's configuration table"
+
+
+def test_every_test_the_security_table_names_exists() -> None:
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Security", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`(test_\w+)`", table))
+    defined = {
+        m
+        for path in (ROOT / "tests").rglob("test_*.py")
+        for m in re.findall(r"^(?:async )?def (test_\w+)", path.read_text(), re.M)
+    }
+    assert named, "the Security table names no test"
+    assert named <= defined, f"named but missing: {sorted(named - defined)}"

@@ -21,12 +21,13 @@ from otp_http.middleware import EdgeMiddleware
 from otpcore import Core, Settings, build_core
 
 MAX_BODY_BYTES = 16 * 1024
+PROMETHEUS_TEXT = "text/plain; version=0.0.4"
 log = logging.getLogger("otp_http")
 
 
 async def _metrics_text(request: Request) -> Response[bytes]:
     core: Core = request.app.state.core
-    return Response(core.telemetry.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    return Response(core.telemetry.render(), media_type=PROMETHEUS_TEXT)
 
 
 def create_litestar(core: Core) -> Litestar:
@@ -39,7 +40,9 @@ def create_litestar(core: Core) -> Litestar:
         SystemController,
     ]
     if settings.metrics_enabled:
-        handlers.append(get(settings.metrics_endpoint, tags=["system"])(_metrics_text))
+        handlers.append(
+            get(settings.metrics_endpoint, tags=["system"], media_type=PROMETHEUS_TEXT)(_metrics_text)
+        )
 
     async def start_core() -> None:
         await core.start()

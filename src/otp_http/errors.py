@@ -62,7 +62,9 @@ def http_error(_: Request, exc: HTTPException) -> Response[ErrorBody]:
     if isinstance(exc, NotFoundException):
         return error_response(404, "not_found", "no such resource")
     if isinstance(exc, MethodNotAllowedException):
-        return error_response(405, "method_not_allowed", "method not allowed on this resource")
+        response = error_response(405, "method_not_allowed", "method not allowed on this resource")
+        response.headers.update(exc.headers or {})  # Allow: the methods the resource has
+        return response
     if isinstance(exc, RequestEntityTooLarge):
         return error_response(413, "payload_too_large", "request body is larger than 16 KiB")
     if exc.status_code == 400:

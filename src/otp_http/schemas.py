@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
+from litestar.openapi.datastructures import ResponseSpec
 
 from otpcore import AuthResult, Role, User, UserPage
 
@@ -116,3 +117,23 @@ class Readiness(msgspec.Struct, kw_only=True):
 
 
 JWKS = dict[str, Any]
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "Invalid input: validation_error, invalid_request, invalid_phone_number, invalid_otp, otp_expired",
+    401: "authorization_required or invalid_token",
+    403: "forbidden or user_inactive",
+    404: "not_found",
+    413: "payload_too_large (over 16 KiB)",
+    429: "rate_limit_exceeded or too_many_attempts (Retry-After, X-RateLimit-* headers)",
+    500: "internal_error",
+    503: "service_unavailable: a backing store is down",
+}
+
+
+def error_responses(*statuses: int) -> dict[int, ResponseSpec]:
+    """OpenAPI entries for the error body: ``statuses`` plus those any request may meet."""
+    return {
+        status: ResponseSpec(ErrorBody, description=_ERROR_DESCRIPTIONS[status], generate_examples=False)
+        for status in sorted({*statuses, 429, 500, 503})
+    }

@@ -16,6 +16,7 @@ from otp_http.schemas import (
     SendOtpResponse,
     TokenResponse,
     VerifyOtpRequest,
+    error_responses,
 )
 from otpcore.domain.errors import RateLimitExceeded
 
@@ -24,7 +25,7 @@ class AuthController(Controller):
     path = "/api/v1/auth"
     tags = ["auth"]
 
-    @post("/send-otp", status_code=HTTP_200_OK)
+    @post("/send-otp", status_code=HTTP_200_OK, responses=error_responses(400, 413))
     async def send_otp(
         self, request: Request, core: CoreDep, data: JSONBody[SendOtpRequest]
     ) -> SendOtpResponse:
@@ -42,12 +43,12 @@ class AuthController(Controller):
             expires_in=sent.expires_in,
         )
 
-    @post("/verify-otp", status_code=HTTP_200_OK)
+    @post("/verify-otp", status_code=HTTP_200_OK, responses=error_responses(400, 403, 413))
     async def verify_otp(self, core: CoreDep, data: JSONBody[VerifyOtpRequest]) -> TokenResponse:
         result = await core.auth.verify_code(data.phone_number, data.otp_code, name=data.name)
         return TokenResponse.of(result)
 
-    @post("/refresh", status_code=HTTP_200_OK)
+    @post("/refresh", status_code=HTTP_200_OK, responses=error_responses(400, 401, 403, 413))
     async def refresh(self, core: CoreDep, data: JSONBody[RefreshRequest]) -> TokenResponse:
         return TokenResponse.of(await core.auth.refresh(data.refresh_token))
 
@@ -56,6 +57,7 @@ class AuthController(Controller):
         status_code=HTTP_204_NO_CONTENT,
         guards=[requires_user],
         dependencies={"principal": Provide(provide_principal)},
+        responses=error_responses(400, 401, 403, 413),
     )
     async def logout(
         self, core: CoreDep, principal: PrincipalDep, data: JSONBody[LogoutRequest | None] = None

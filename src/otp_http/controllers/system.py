@@ -6,10 +6,11 @@ import asyncio
 from typing import Any
 
 from litestar import Controller, Response, get
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_503_SERVICE_UNAVAILABLE
 
 from otp_http.guards import CoreDep
-from otp_http.schemas import ErrorBody, Health, Readiness
+from otp_http.schemas import ErrorBody, Health, Readiness, error_responses
 
 VERSION = "0.1.0"
 CHECK_TIMEOUT = 2.0
@@ -22,7 +23,10 @@ class SystemController(Controller):
     async def health(self) -> Health:
         return Health(status="ok", service="otp-server", version=VERSION)
 
-    @get("/health/ready")
+    @get(
+        "/health/ready",
+        responses={503: ResponseSpec(ErrorBody, description="a store is down", generate_examples=False)},
+    )
     async def ready(self, core: CoreDep) -> Response[Readiness | ErrorBody]:
         names, probes = zip(*core.checks().items(), strict=True)
         results = await asyncio.gather(
@@ -42,6 +46,6 @@ class SystemController(Controller):
             return Response(body, status_code=HTTP_503_SERVICE_UNAVAILABLE)
         return Response(Readiness(status="ok", checks=checks))
 
-    @get("/.well-known/jwks.json")
+    @get("/.well-known/jwks.json", responses=error_responses())
     async def jwks(self, core: CoreDep) -> dict[str, Any]:
         return core.tokens.keys.jwks()

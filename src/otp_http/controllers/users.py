@@ -9,7 +9,7 @@ from litestar.di import Provide
 from litestar.params import FromPath, JSONBody, QueryParameter
 
 from otp_http.guards import CoreDep, PrincipalDep, provide_principal, requires_admin, requires_user
-from otp_http.schemas import AdminUserUpdate, ProfileUpdate, UserList, UserOut
+from otp_http.schemas import AdminUserUpdate, ProfileUpdate, UserList, UserOut, error_responses
 from otpcore.domain.services import MAX_USER_ID, SEARCH_LIMIT_MAX, SEARCH_OFFSET_MAX
 
 
@@ -19,11 +19,11 @@ class ProfileController(Controller):
     guards = [requires_user]
     dependencies = {"principal": Provide(provide_principal)}
 
-    @get("/")
+    @get("/", responses=error_responses(401, 403))
     async def profile(self, principal: PrincipalDep) -> UserOut:
         return UserOut.of(principal.user)
 
-    @put("/")
+    @put("/", responses=error_responses(400, 401, 403, 413))
     async def update_profile(
         self, core: CoreDep, principal: PrincipalDep, data: JSONBody[ProfileUpdate]
     ) -> UserOut:
@@ -36,7 +36,7 @@ class AdminUsersController(Controller):
     guards = [requires_admin]
     dependencies = {"principal": Provide(provide_principal)}
 
-    @get("/search")
+    @get("/search", responses=error_responses(400, 401, 403))
     async def search(
         self,
         core: CoreDep,
@@ -51,11 +51,11 @@ class AdminUsersController(Controller):
         page = await core.users.search(principal.user, text, offset=offset, limit=limit, after_id=after_id)
         return UserList.of(page)
 
-    @get("/{user_id:int}")
+    @get("/{user_id:int}", responses=error_responses(400, 401, 403, 404))
     async def get_user(self, core: CoreDep, user_id: FromPath[int]) -> UserOut:
         return UserOut.of(await core.users.get(user_id))
 
-    @patch("/{user_id:int}")
+    @patch("/{user_id:int}", responses=error_responses(400, 401, 403, 404, 413))
     async def update_user(
         self, core: CoreDep, principal: PrincipalDep, user_id: FromPath[int], data: JSONBody[AdminUserUpdate]
     ) -> UserOut:
