@@ -129,3 +129,14 @@ def server(workdir: Path, mode_env: dict[str, str]) -> Iterator[Server]:
     started = Server(workdir, "otp-server", mode_env)
     yield started
     started.stop()
+
+
+@pytest.fixture
+def report(capsys: pytest.CaptureFixture[str]):
+    """Print past pytest's capture: fault tests put their counts in the CI log."""
+
+    def say(line: str) -> None:
+        with capsys.disabled():
+            print(f"\n  [fault report] {line}")
+
+    return say

@@ -192,12 +192,11 @@ class Flow:
                 self.results.append((kind, status, time.monotonic() - started))
                 time.sleep(0.02)
 
-    def report(self, label: str) -> dict[int, int]:
-        by_status: dict[int, int] = {}
+    def by_status(self) -> dict[int, int]:
+        counts: dict[int, int] = {}
         for _, status, _ in self.results:
-            by_status[status] = by_status.get(status, 0) + 1
-        print(f"{label}: sent={len(self.results)} by_status={dict(sorted(by_status.items()))}")
-        return by_status
+            counts[status] = counts.get(status, 0) + 1
+        return dict(sorted(counts.items()))
 
 
 def wait_until_serving(server: Server, token: str, deadline: float) -> float:
@@ -218,7 +217,7 @@ def wait_until_serving(server: Server, token: str, deadline: float) -> float:
 
 @pytest.mark.parametrize("store", ["redis", "postgres"])
 def test_a_store_going_down_gives_503s_and_the_service_recovers_without_restart(
-    workdir: Path, production_env: dict[str, str], store: str
+    workdir: Path, production_env: dict[str, str], store: str, report
 ) -> None:
     if store == "redis":
         host, port = "127.0.0.1", int(REDIS_URL.rsplit(":", 1)[1].split("/")[0])
@@ -241,8 +240,9 @@ def test_a_store_going_down_gives_503s_and_the_service_recovers_without_restart(
             proxy.restore()
             recovered_in = wait_until_serving(server, token, time.monotonic() + 15)
             time.sleep(0.5)
-        by_status = flow.report(f"{store} outage")
-        print(f"{store} outage: recovered in {recovered_in:.1f}s, lost=0")
+        by_status = flow.by_status()
+        report(f"{store} outage: sent={len(flow.results)} by_status={by_status} lost=0")
+        report(f"{store} outage: recovered in {recovered_in:.1f}s without a restart")
         assert during.status_code == 503
         assert during.json()["error"] == "service_unavailable" and store in during.json()["checks"]
         assert during.json()["checks"][store] != "ok"
