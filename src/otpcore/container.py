@@ -12,6 +12,8 @@ from pathlib import Path
 from dependency_injector import containers, providers
 
 from otpcore.adapters.cache import CachedUserRepo
+from otpcore.adapters.delivery_queue import STREAM as DELIVERY_STREAM
+from otpcore.adapters.delivery_queue import DeliveryWorker, JobCipher, QueuedCodeSender
 from otpcore.adapters.event_stream import EventForwarder, EventStream
 from otpcore.adapters.memory import (
     MemoryCodeSender,
@@ -142,18 +144,27 @@ class Container(containers.DeclarativeContainer):
             ),
         ),
     )
+    sms_webhook = providers.Singleton(
+        WebhookCodeSender,
+        providers.Singleton(
+            WebhookPoster,
+            settings.provided.sms_webhook_url,
+            providers.Singleton(WebhookSigner, settings.provided.sms_webhook_secret),
+        ),
+        give_up_after=settings.provided.otp_expiry,
+    )
+    # With Redis, SMS are queued there (encrypted) and posted by each process's DeliveryWorker.
+    delivery_cipher = providers.Singleton(JobCipher, settings.provided.code_hmac_key.call())
     code_sender = providers.Selector(
         settings.provided.otp_sender,
         console=providers.Singleton(ConsoleCodeSender),
         memory=providers.Singleton(MemoryCodeSender),
-        webhook=providers.Singleton(
-            WebhookCodeSender,
-            providers.Singleton(
-                WebhookPoster,
-                settings.provided.sms_webhook_url,
-                providers.Singleton(WebhookSigner, settings.provided.sms_webhook_secret),
+        webhook=providers.Selector(
+            settings.provided.fast_store,
+            memory=sms_webhook,
+            redis=providers.Singleton(
+                QueuedCodeSender, redis, delivery_cipher, ttl=settings.provided.otp_expiry, clock=clock
             ),
-            give_up_after=settings.provided.otp_expiry,
         ),
     )
 
@@ -170,6 +181,23 @@ class Container(containers.DeclarativeContainer):
         clock=clock,
     )
     telemetry = providers.Singleton(Telemetry)
+    # The consumer of the SMS queue, on a Redis client of its own (it blocks); started by Core.
+    delivery_worker = providers.Singleton(
+        DeliveryWorker,
+        providers.Singleton(
+            EventStream.connect,
+            settings.provided.redis_location,
+            cluster=settings.provided.redis_cluster_mode,
+            prefix=settings.provided.otp_redis_key_prefix,
+            stream=DELIVERY_STREAM,
+        ),
+        sms_webhook,
+        delivery_cipher,
+        events=event_bus,
+        counters=telemetry,
+        country_of=providers.Object(PhonePolicy.country_of),
+        clock=clock,
+    )
     # Database-backed users are cached: L1 in each process, plus L2 and invalidations in Redis.
     user_repo = providers.Selector(
         settings.provided.storage,
@@ -218,6 +246,7 @@ class Core:
         self.events = container.event_bus()
         self.telemetry: Telemetry = container.telemetry()
         self._forwarder: EventForwarder | None = None
+        self._delivery: DeliveryWorker | None = None
 
     def checks(self) -> dict[str, Callable[[], Awaitable[None]]]:
         """One liveness probe per backing store, named for the store ("postgres", "redis", ...)."""
@@ -239,13 +268,19 @@ class Core:
         return self.container.sqlite()
 
     async def start(self) -> None:
-        """Start the background work of a serving process: the event forwarder, if configured."""
+        """Start the background work of a serving process: event forwarder, SMS delivery worker."""
         self._forwarder = self.container.event_forwarder()
         if self._forwarder is not None:
             self._forwarder.start()
+        # Queued SMS are posted by a worker in every serving process (see delivery_queue).
+        if isinstance(self.container.code_sender(), QueuedCodeSender):
+            self._delivery = self.container.delivery_worker()
+            self._delivery.start()
 
     async def aclose(self) -> None:
         await self.auth.drain()
+        if self._delivery is not None:
+            await self._delivery.stop()  # before the Redis clients go
         if self._forwarder is not None:
             await self._forwarder.stop()  # before the Redis clients go
         user_repo = self.container.user_repo()

@@ -104,9 +104,15 @@ class WebhookCodeSender:
         self.give_up_after = give_up_after
 
     async def send(self, phone: str, code: str, message: str) -> None:
+        await self.deliver(phone, message, give_up_after=self.give_up_after)
+
+    async def deliver(
+        self, phone: str, message: str, *, give_up_after: float, message_id: str | None = None
+    ) -> None:
+        """POST the SMS, retrying for up to ``give_up_after`` seconds under one message id."""
         payload = {"type": "otp.sms", "phone_number": phone, "message": message}
         try:
-            await self.poster.post(payload, give_up_after=self.give_up_after)
+            await self.poster.post(payload, give_up_after=give_up_after, message_id=message_id)
         except DeliveryFailed as exc:
             raise DeliveryFailed(f"SMS to {phone} not delivered: {exc}") from None
 

@@ -201,6 +201,13 @@ class Counters(Protocol):
 
 
 class CodeSender(Protocol):
+    """Delivers codes. AuthService calls ``send`` off the request path and counts the outcome
+    (``otp_deliveries``), unless the sender has ``counts_own_deliveries = True``: then ``send``
+    only queues the delivery, is awaited in the request, and the sender's worker counts the
+    provider's answer and emits ``otp:delivery_failed`` itself (a failed ``send`` is still
+    counted and reported by AuthService).
+    """
+
     async def send(self, phone: str, code: str, message: str) -> None:
         """Deliver ``message`` (which holds ``code``) to ``phone``; raise on failure."""
         ...

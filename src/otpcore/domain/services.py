@@ -147,7 +147,12 @@ class AuthService:
             )
         self._count("otp_sent", country=country, test_number=str(test_code is not None).lower())
         if test_code is None:
-            self._deliver_later(phone, code, country)
+            if getattr(self.sender, "counts_own_deliveries", False):
+                # A queueing sender: ``send`` stores a job (awaited, so the response acknowledges
+                # a durable delivery); its worker counts and reports what the provider answered.
+                await self._deliver(phone, code, country, queued=True)
+            else:
+                self._deliver_later(phone, code, country)
         return SendResult(
             phone_number=phone,
             expires_in=self.policy.ttl,
@@ -178,10 +183,11 @@ class AuthService:
         self._deliveries.add(task)
         task.add_done_callback(self._deliveries.discard)
 
-    async def _deliver(self, phone: str, code: str, country: str) -> None:
+    async def _deliver(self, phone: str, code: str, country: str, *, queued: bool = False) -> None:
         try:
             await self.sender.send(phone, code, self.policy.message(code))
-            self._count("otp_deliveries", result="delivered", country=country)
+            if not queued:
+                self._count("otp_deliveries", result="delivered", country=country)
         except Exception as exc:
             log.warning("code delivery to %s failed: %s", phone, type(exc).__name__)
             self._count("otp_deliveries", result="failed", country=country)
