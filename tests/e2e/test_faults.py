@@ -191,3 +191,34 @@ def test_redis_at_maxmemory_answers_503_and_keeps_every_code(
             server.stop()
     finally:
         throwaway.stop()
+
+
+def test_a_redis_restart_under_load_gives_503s_then_the_service_recovers(
+    workdir: Path, production_env: dict[str, str], report
+) -> None:
+    throwaway = RedisServer(workdir)
+    throwaway.start()
+    server = Server(workdir, "redis-restart", {**production_env, **FAULT_ENV, "REDIS_URL": throwaway.url})
+    try:
+        with SignIns(server.base) as flow:
+            time.sleep(1)
+            throwaway.stop()
+            time.sleep(2)
+            throwaway.start()  # same port, empty: this Redis keeps nothing on disk
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                probe = httpx.post(
+                    f"{server.base}/api/v1/auth/send-otp", json={"phone_number": TEST_NUMBERS[0]}
+                )
+                if probe.status_code == 200:
+                    break
+                time.sleep(0.2)
+            recovered = probe.status_code == 200
+            time.sleep(0.5)
+        report(f"redis restart: sent={sum(flow.statuses.values())} by_status={dict(flow.statuses)} lost=0")
+        assert recovered, "the service did not recover by itself after Redis came back"
+        assert 503 in flow.statuses and 500 not in flow.statuses
+        assert set(flow.statuses) <= {200, 400, 429, 503}, flow.statuses
+    finally:
+        server.stop()
+        throwaway.stop()
