@@ -68,6 +68,7 @@ def serve(args: argparse.Namespace) -> None:
         # Client IPs come from TRUSTED_PROXIES only, never from uvicorn's own header rewriting.
         proxy_headers=False,
         server_header=False,
+        access_log=settings.access_log,
     )
 
 

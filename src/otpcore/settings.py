@@ -98,6 +98,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     jwt_refresh_expiry: int = 30 * 86400
     log_level: str = "info"
     log_format: Literal["json", "text"] = "json"
+    # One log line per request from the server (uvicorn's access log); metrics and request ids
+    # cover requests without it, so it is off unless asked for.
+    access_log: bool = False
     cors_allowed_origins: str = "http://localhost:3000,http://localhost:8080"
     cors_allowed_methods: str = "GET,POST,PUT,PATCH,DELETE,OPTIONS"
     cors_allowed_headers: str = "Content-Type,Authorization,X-Requested-With,X-Request-ID"

@@ -132,6 +132,31 @@ async def test_recovers_after_its_connections_are_terminated(pg_database, pg_dsn
     assert await repo.get_by_phone("+14155550123") == user
 
 
+async def test_a_checkout_sends_no_check_query_unless_the_connection_may_be_bad(
+    pg_database, pg_dsn, monkeypatch
+) -> None:
+    from psycopg_pool import AsyncConnectionPool
+
+    checked: list[object] = []
+    real_check = AsyncConnectionPool.check_connection
+
+    async def counting_check(conn: object) -> None:
+        checked.append(conn)
+        await real_check(conn)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(AsyncConnectionPool, "check_connection", staticmethod(counting_check))
+    await pg_database.ping()
+    checked.clear()
+    for _ in range(5):
+        await pg_database.ping()  # the same connection, just returned, nothing on its socket
+    assert checked == []
+
+    # Something waiting on the socket (here: the server ending the session) means a real check.
+    assert _terminate_others(pg_dsn) >= 1
+    await pg_database.ping()
+    assert len(checked) >= 1
+
+
 async def test_refused_connections_are_unavailable_in_bounded_time() -> None:
     db = PostgresDatabase(_closed_port_dsn())
     try:

@@ -5,14 +5,18 @@ no I/O). Connections are in autocommit mode, so a single statement is its own tr
 operations that need several statements open one explicitly. Every call is bounded: getting a
 connection waits at most ``timeout`` seconds, connecting and each statement too, and a failure of
 any kind surfaces as ``ServiceUnavailable``. Connections are checked as they leave the pool, so
-after a restart of Postgres the dead ones are replaced and the next call works again.
+after a restart of Postgres the dead ones are replaced and the next call works again: without a
+round trip when nothing arrived on an idle connection's socket (a server that ends a connection
+says so, or closes it, first), with the pool's query check otherwise or after a long idle time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import select
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -32,6 +36,8 @@ from otpcore.domain.ports import Rotation, RotationOutcome, Session
 Clock = Callable[[], float]
 Connection = AsyncConnection[DictRow]
 
+# A pooled connection idle longer than this is checked with a query as it leaves the pool.
+CHECK_AFTER_IDLE = 10.0
 # Key of the advisory lock that serialises migrations across instances: "otp_migr" in ASCII.
 _MIGRATION_LOCK = 0x6F74705F6D696772
 
@@ -85,10 +91,12 @@ class PostgresDatabase:
             max_size=max_size,
             max_lifetime=max_lifetime,
             timeout=timeout,
-            check=AsyncConnectionPool.check_connection,
+            check=self._check,
             name="otp-postgres",
             open=False,
         )
+        # When each connection last went back to the pool (for the checkout check).
+        self._returned: weakref.WeakKeyDictionary[Connection, float] = weakref.WeakKeyDictionary()
         self._start_lock = asyncio.Lock()
         self._started = False
         self._closed = False
@@ -128,9 +136,32 @@ class PostgresDatabase:
         await self._start()
         try:
             async with self._pool.connection() as conn:
-                yield conn
+                try:
+                    yield conn
+                finally:
+                    self._returned[conn] = time.monotonic()
         except psycopg.Error as exc:  # psycopg_pool's errors are psycopg errors too
             raise ServiceUnavailable() from exc
+
+    async def _check(self, conn: Connection) -> None:
+        """The checkout check: a round trip only when the connection may have gone bad.
+
+        An idle connection's socket has nothing to read unless the server sent something
+        unasked: the error it sends as it terminates the session (a restart, an administrator),
+        end of file when the connection was closed, or, rarely, a notice. Any of those, an idle
+        time past ``CHECK_AFTER_IDLE``, or a connection not in a clean idle state gets the pool's
+        query check; every other checkout costs no statement.
+        """
+        returned = self._returned.get(conn)
+        if (
+            returned is not None
+            and time.monotonic() - returned < CHECK_AFTER_IDLE
+            and conn.info.status is psycopg.pq.ConnStatus.OK
+            and conn.info.transaction_status is psycopg.pq.TransactionStatus.IDLE
+            and not _readable(conn.pgconn.socket)
+        ):
+            return
+        await AsyncConnectionPool.check_connection(conn)
 
     async def migrate(self) -> list[str]:
         """Apply pending migrations now; the versions applied."""
@@ -144,6 +175,12 @@ class PostgresDatabase:
     async def close(self) -> None:
         self._closed = True
         await self._pool.close()
+
+
+def _readable(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(0))
 
 
 def _connection_settings(dsn: str, timeout: float) -> dict[str, Any]:

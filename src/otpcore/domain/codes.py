@@ -39,7 +39,15 @@ class CodePolicy(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("the code HMAC key must be at least 16 bytes")
 
     def generate(self) -> str:
-        return "".join(secrets.choice(self.charset) for _ in range(self.length))
+        # One draw from the OS's CSPRNG for the whole code, read as ``length`` base-n digits:
+        # the same uniform distribution as a ``secrets.choice`` per character, one syscall.
+        n = len(self.charset)
+        value = secrets.randbelow(n**self.length)
+        chars = []
+        for _ in range(self.length):
+            value, index = divmod(value, n)
+            chars.append(self.charset[index])
+        return "".join(chars)
 
     def active_test_codes(self, now: float) -> dict[str, str]:
         if self.test_codes_until is not None and now >= self.test_codes_until:
