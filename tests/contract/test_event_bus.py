@@ -34,3 +34,11 @@ async def test_the_bus_is_bounded_and_keeps_the_newest(event_bus_and_reader) -> 
 async def test_ping_answers(event_bus_and_reader) -> None:
     bus, _ = event_bus_and_reader
     await bus.ping()
+
+
+async def test_several_events_in_one_call_are_all_appended_in_order(event_bus_and_reader) -> None:
+    bus, read = event_bus_and_reader
+    batch = [Event(event_type=ev.USER_AUTHENTICATED, data={"n": i}) for i in range(3)]
+    await bus.publish(*batch)
+    await bus.publish()  # nothing to append is not an error
+    assert [e.event_id for e in (await read())[-3:]] == [e.event_id for e in batch]

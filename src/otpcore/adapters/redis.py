@@ -420,6 +420,15 @@ class RedisCodeStore:
         await self.keyspace.ping()
 
 
+# KEYS: the stream. ARGV: its approximate max length, then one encoded event per entry.
+_APPEND = """
+for i = 2, #ARGV do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'event', ARGV[i])
+end
+return #ARGV - 1
+"""
+
+
 class RedisEventBus:
     """Events on a Redis Stream, trimmed to about ``max_len``; consumer groups read it."""
 
@@ -430,20 +439,19 @@ class RedisEventBus:
         self.stream = f"{keyspace.prefix}:{{{stream}}}"
         self.max_len = max_len
         self._decoder = msgspec.json.Decoder(Event)
+        self._append = keyspace.script(_APPEND)
 
     async def publish(self, *events: Event) -> None:
-        """Append ``events`` in one round trip."""
+        """Append ``events``: one command, a plain XADD for one, one script for several."""
         client = self.keyspace.client
-
-        async def append() -> object:
-            pipe = client.pipeline(transaction=False)
-            for event in events:
-                fields = {self.FIELD: msgspec.json.encode(event)}
-                pipe.xadd(self.stream, fields, maxlen=self.max_len, approximate=True)  # type: ignore[arg-type]
-            return await pipe.execute()
-
-        if events:
-            await self.keyspace.execute(append)
+        payloads = [msgspec.json.encode(event) for event in events]
+        if len(payloads) == 1:
+            fields = {self.FIELD: payloads[0]}
+            await self.keyspace.execute(
+                lambda: client.xadd(self.stream, fields, maxlen=self.max_len, approximate=True)  # type: ignore[arg-type]
+            )
+        elif payloads:
+            await self.keyspace.run(self._append, [self.stream], [self.max_len, *payloads])
 
     async def read_all(self) -> list[Event]:
         """Every event the stream holds, oldest first (for tests and tools)."""
