@@ -27,19 +27,36 @@ T = TypeVar("T")
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
+BUSY_TIMEOUT = 5.0
+
+
 def connect(path: str) -> sqlite3.Connection:
     """A connection configured the way every adapter here expects it."""
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     try:
         conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA busy_timeout = 5000")
-        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+        _use_wal(conn)
         conn.execute("PRAGMA foreign_keys = ON")
         conn.create_function("casefold", 1, _casefold, deterministic=True)
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    # Switching a fresh file to WAL needs an exclusive lock, and SQLite answers "database is
+    # locked" at once (no busy handler) while another process holds one: retry for a while.
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def _casefold(text: str | None) -> str | None:
