@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
 import psycopg
@@ -20,7 +19,6 @@ from otpcore.adapters.postgres import (
     _MIGRATION_LOCK,
     _SEARCH,
     PostgresDatabase,
-    PostgresSessionStore,
     PostgresUserRepo,
     _search_params,
 )
@@ -282,20 +280,3 @@ async def test_search_uses_the_trigram_indexes(pg_database) -> None:
     assert "Bitmap Index Scan on users_phone_number_trgm" in plan, plan
     assert await repo.search("LOVELACE", offset=0, limit=10, after_id=None) == ([ada], 1)
     assert (await repo.search("5550000123", offset=0, limit=10, after_id=None))[1] == 1
-
-
-async def test_sessions_long_expired_are_swept(pg_database) -> None:
-    user, _ = await PostgresUserRepo(pg_database).get_or_create("+1415", name="", role=Role.USER)
-    store = PostgresSessionStore(pg_database)
-    store.SWEEP_EVERY = 3
-    start = datetime(2026, 5, 1, tzinfo=UTC)
-    hour = timedelta(hours=1)
-    await store.create("old", user.id, b"a", now=start, expires_at=start + hour)
-    await store.create("recent", user.id, b"b", now=start, expires_at=start + 20 * hour)
-    later = start + 26 * hour  # "old" expired 25 h ago, "recent" 6 h ago
-    await store.create("new", user.id, b"c", now=later, expires_at=later + hour)
-
-    assert await store.get("old") is None
-    assert await store.find(b"a") is None  # its tokens went with it
-    assert await store.get("recent") is not None
-    assert await store.get("new") is not None

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from otpcore.adapters.sqlite import SqliteDatabase, SqliteSessionStore, SqliteUserRepo
+from otpcore.adapters.sqlite import SqliteDatabase, SqliteUserRepo
 from otpcore.domain.errors import ServiceUnavailable
 from otpcore.domain.model import Role
 
@@ -88,20 +87,3 @@ async def test_closed_database_is_unavailable(tmp_path):
     await db.close()  # idempotent
     with pytest.raises(ServiceUnavailable):
         await db.ping()
-
-
-async def test_sessions_long_expired_are_swept(sqlite_db):
-    user, _ = await SqliteUserRepo(sqlite_db).get_or_create("+1415", name="", role=Role.USER)
-    store = SqliteSessionStore(sqlite_db)
-    store.SWEEP_EVERY = 3
-    start = datetime(2026, 5, 1, tzinfo=UTC)
-    hour = timedelta(hours=1)
-    await store.create("old", user.id, b"a", now=start, expires_at=start + hour)
-    await store.create("recent", user.id, b"b", now=start, expires_at=start + 20 * hour)
-    later = start + 26 * hour  # "old" expired 25 h ago, "recent" 6 h ago
-    await store.create("new", user.id, b"c", now=later, expires_at=later + hour)
-
-    assert await store.get("old") is None
-    assert await store.find(b"a") is None  # its tokens went with it
-    assert await store.get("recent") is not None
-    assert await store.get("new") is not None
