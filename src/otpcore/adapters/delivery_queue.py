@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from redis.typing import StreamIdT
 
-from otpcore.adapters.event_stream import Backoff, Entry, EventStream
+from otpcore.adapters.event_stream import Backoff, Entry, EventStream, GroupWorker
 from otpcore.adapters.redis import RedisEventBus, RedisKeyspace
 from otpcore.adapters.webhooks import DeliveryFailed, WebhookCodeSender
 from otpcore.domain import events as ev
@@ -112,10 +112,11 @@ class QueuedCodeSender:
         pass  # the keyspace belongs to the container
 
 
-class DeliveryWorker:
+class DeliveryWorker(GroupWorker):
     """This process's consumer of the delivery queue (consumer group ``sms``)."""
 
     GROUP = "sms"
+    TASK_NAME = "sms-delivery-worker"
 
     def __init__(
         self,
@@ -133,26 +134,18 @@ class DeliveryWorker:
         grace: float = 5.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.stream = stream
+        super().__init__(stream, stream.group(group, consumer, min_idle=min_idle), grace=grace)
         self.sender = sender
         self.cipher = cipher
         self.events = events
         self.counters = counters
         self.country_of = country_of
-        self.group = stream.group(group, consumer, min_idle=min_idle)
-        self.grace = grace
         self.clock = clock
         self._slots = asyncio.Semaphore(concurrency)
         # Read and not yet acknowledged (kept from looking idle), and handled but not acknowledged.
         self._held: set[str] = set()
         self._done: set[str] = set()
         self._jobs: set[asyncio.Task[None]] = set()
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self.run(), name="sms-delivery-worker")
 
     async def run(self) -> None:
         """Deliver until cancelled; Redis outages are waited out, never raised."""
@@ -262,18 +255,8 @@ class DeliveryWorker:
             except Exception as exc:
                 log.warning("SMS delivery queue: keeping jobs claimed failed: %s", type(exc).__name__)
 
-    async def stop(self) -> None:
-        """Stop reading; let jobs in flight finish for up to ``grace`` seconds, leave the rest pending."""
-        task, self._task = self._task, None
-        self._stopping.set()
-        if task is not None:
-            if self._jobs:
-                await asyncio.wait(set(self._jobs), timeout=self.grace)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(self.grace):
-                    await self.group.leave()
+    def _in_flight(self, reader: asyncio.Task[None]) -> set[asyncio.Task[None]]:
+        return set(self._jobs)
+
+    async def _close(self) -> None:
         await self.sender.aclose()
-        await self.stream.aclose()

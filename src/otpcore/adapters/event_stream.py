@@ -298,7 +298,54 @@ class ConsumerGroup:
                 return
 
 
-class EventForwarder:
+class GroupWorker:
+    """A background reader of one consumer group: started once, stopped with a grace period.
+
+    ``stop`` lets the work in flight finish for up to ``grace`` seconds, then cancels the reader
+    and leaves the group; what was not acknowledged stays pending for another consumer.
+    """
+
+    TASK_NAME = "stream-worker"
+
+    def __init__(self, stream: EventStream, group: ConsumerGroup, *, grace: float) -> None:
+        self.stream = stream
+        self.group = group
+        self.grace = grace
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self.run(), name=self.TASK_NAME)
+
+    async def run(self) -> None:
+        raise NotImplementedError
+
+    def _in_flight(self, reader: asyncio.Task[None]) -> set[asyncio.Task[None]]:
+        """Tasks worth waiting for on stop (``reader`` is the task of ``run``)."""
+        return set()
+
+    async def _close(self) -> None:
+        """Release what the subclass holds, after the reader stopped."""
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        self._stopping.set()
+        if task is not None:
+            in_flight = self._in_flight(task)
+            if in_flight:
+                await asyncio.wait(in_flight, timeout=self.grace)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self.grace):
+                    await self.group.leave()
+        await self._close()
+        await self.stream.aclose()
+
+
+class EventForwarder(GroupWorker):
     """POSTs every event of the stream to EVENTS_WEBHOOK_URL, signed (Standard Webhooks).
 
     Every server process runs one, all in the consumer group ``webhooks``: each event is
@@ -310,6 +357,7 @@ class EventForwarder:
     """
 
     GROUP = "webhooks"
+    TASK_NAME = "event-forwarder"
 
     def __init__(
         self,
@@ -322,18 +370,10 @@ class EventForwarder:
         give_up_after: float = 20.0,
         grace: float = 5.0,
     ) -> None:
-        self.stream = stream
+        super().__init__(stream, stream.group(group, consumer, min_idle=min_idle), grace=grace)
         self.poster = poster
-        self.group = stream.group(group, consumer, min_idle=min_idle)
         # Below min_idle: a post that keeps failing lets go before another process takes over.
         self.give_up_after = give_up_after
-        self.grace = grace
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self.run(), name="event-forwarder")
 
     async def run(self) -> None:
         """Forward until stopped; outages of Redis or the receiver are waited out, never raised."""
@@ -346,20 +386,12 @@ class EventForwarder:
             event_document(event), give_up_after=self.give_up_after, message_id=f"msg_{event.event_id}"
         )
 
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        self._stopping.set()
-        if task is not None:
-            if self.group.handling:
-                await asyncio.wait({task}, timeout=self.grace)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(self.grace):
-                    await self.group.leave()
+    def _in_flight(self, reader: asyncio.Task[None]) -> set[asyncio.Task[None]]:
+        # A post under way: wait for the reader itself to finish handling it.
+        return {reader} if self.group.handling else set()
+
+    async def _close(self) -> None:
         await self.poster.aclose()
-        await self.stream.aclose()
 
 
 def _text(value: Any) -> str:
