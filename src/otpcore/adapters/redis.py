@@ -11,6 +11,7 @@ one client IP) on one Redis Cluster slot, so each script's keys are on one node.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import math
 import os
@@ -26,6 +27,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
 
+from otpcore.adapters.redis_wire import Wire
 from otpcore.domain.errors import ServiceUnavailable
 from otpcore.domain.events import Event
 from otpcore.domain.ports import CodeCheck, CodeOutcome, Limit, RateDecision
@@ -66,8 +68,21 @@ def _unavailable(exc: BaseException) -> bool:
     return isinstance(exc, rex.ResponseError) and str(exc).startswith(_UNAVAILABLE_REPLIES)
 
 
+class Script:
+    """A Lua script: its source, its SHA1, and redis-py's handle on it for clients without a wire."""
+
+    def __init__(self, source: str, registered: AsyncScript) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()  # noqa: S324 - the name Redis gives it
+        self.registered = registered
+
+
 class RedisKeyspace:
-    """A client, the key prefix, the scripts registered on it, and the error mapping."""
+    """A client, the key prefix, the scripts registered on it, and the error mapping.
+
+    On a single server, scripts and ``call`` go over ``wire`` (one pipelined connection, see
+    redis_wire) when there is one; everything else, and a cluster, goes through ``client``.
+    """
 
     def __init__(
         self,
@@ -76,11 +91,13 @@ class RedisKeyspace:
         *,
         timeout: float = 2.0,
         max_in_flight: int = 10,
+        wire: Wire | None = None,
     ) -> None:
         self.client = client
+        self.wire = wire
         self.prefix = prefix
         self.timeout = timeout
-        self._scripts: dict[str, AsyncScript] = {}
+        self._scripts: dict[str, Script] = {}
         # A cluster client: RedisCluster has no blocking pool (past max_connections a node
         # raises at once), so callers queue at this gate instead (a server's pool queues them).
         self._cluster = client if isinstance(client, RedisCluster) else None
@@ -132,7 +149,7 @@ class RedisKeyspace:
             retry=Retry(backoff, retries=1, supported_errors=(rex.ConnectionError,)),
             **options,
         )
-        return cls(Redis.from_pool(pool), prefix, timeout=timeout)
+        return cls(Redis.from_pool(pool), prefix, timeout=timeout, wire=Wire.from_url(url, timeout=timeout))
 
     def key(self, subject: str, name: str) -> str:
         return f"{self.prefix}:{{{subject}}}:{name}"
@@ -140,16 +157,30 @@ class RedisKeyspace:
     def unique(self) -> bytes:
         return b"%s:%d" % (self._tag, next(self._ids))
 
-    def script(self, source: str) -> AsyncScript:
+    def script(self, source: str) -> Script:
         """The script registered for ``source``: loaded once per keyspace, run by its SHA."""
         registered = self._scripts.get(source)
         if registered is None:
-            registered = self._scripts[source] = self.client.register_script(source)
+            registered = self._scripts[source] = Script(source, self.client.register_script(source))
         return registered
 
-    async def run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        # EVALSHA; on NOSCRIPT (a restarted or new node) the script loads itself and retries.
-        return await self.execute(lambda: script(keys=keys, args=args))
+    async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        # EVALSHA; on NOSCRIPT (a restarted or new node) the script is sent whole once.
+        wire = self.wire
+        if wire is None:
+            return await self.execute(lambda: script.registered(keys=keys, args=args))
+        try:
+            return await self.execute(lambda: wire.call("EVALSHA", script.sha, len(keys), *keys, *args))
+        except rex.NoScriptError:
+            pass
+        return await self.execute(lambda: wire.call("EVAL", script.source, len(keys), *keys, *args))
+
+    async def call(self, *args: Any) -> Any:
+        """One plain command (over the wire if there is one)."""
+        wire = self.wire
+        if wire is None:
+            return await self.execute(lambda: self.client.execute_command(*args))
+        return await self.execute(lambda: wire.call(*args))
 
     async def execute(self, call: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis call, turning "Redis cannot answer" into ServiceUnavailable."""
@@ -184,6 +215,8 @@ class RedisKeyspace:
         await self.execute(self.client.ping)
 
     async def aclose(self) -> None:
+        if self.wire is not None:
+            await self.wire.aclose()
         await self.client.aclose()
 
 
@@ -443,13 +476,10 @@ class RedisEventBus:
 
     async def publish(self, *events: Event) -> None:
         """Append ``events``: one command, a plain XADD for one, one script for several."""
-        client = self.keyspace.client
         payloads = [msgspec.json.encode(event) for event in events]
         if len(payloads) == 1:
-            fields = {self.FIELD: payloads[0]}
-            await self.keyspace.execute(
-                lambda: client.xadd(self.stream, fields, maxlen=self.max_len, approximate=True)  # type: ignore[arg-type]
-            )
+            trim = ("MAXLEN", "~", self.max_len)
+            await self.keyspace.call("XADD", self.stream, *trim, "*", self.FIELD, payloads[0])
         elif payloads:
             await self.keyspace.run(self._append, [self.stream], [self.max_len, *payloads])
 
