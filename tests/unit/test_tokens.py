@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from joserfc import jwt
 from joserfc.jwk import OctKey
 
+from otpcore.domain import tokens as tokens_module
 from otpcore.domain.errors import InvalidToken
 from otpcore.domain.model import Role, User
 from otpcore.domain.tokens import CLOCK_SKEW_LEEWAY, TokenKeys, TokenService
@@ -349,3 +350,44 @@ def test_small_clock_skew_between_servers_is_tolerated() -> None:
     svc = service()
     token = svc.issue_access(USER, "sid-1", now() + 5)  # issuer's clock 5 s ahead
     assert svc.decode_access(token).sid == "sid-1"
+
+
+class _Clock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_token_verified_before_still_expires() -> None:
+    clock = _Clock(now())
+    svc = service(access_ttl=900, clock=clock)
+    token = svc.issue_access(USER, "sid", int(clock.t))
+    assert svc.decode_access(token).sid == "sid"  # verified, then kept
+    clock.t += 900 + CLOCK_SKEW_LEEWAY
+    assert svc.decode_access(token).sid == "sid"  # within the leeway
+    clock.t += 1
+    refuse(svc, token)
+    refuse(svc, token)  # and again, now that it is no longer kept
+
+
+def test_a_kept_token_does_not_vouch_for_an_altered_one() -> None:
+    svc = service()
+    token = svc.issue_access(USER, "sid", now())
+    svc.decode_access(token)
+    header, payload, signature = token.split(".")
+    claims = json.loads(unb64(payload))
+    claims["role"] = "admin" if claims["role"] == "user" else "user"
+    refuse(svc, f"{header}.{b64(json.dumps(claims).encode())}.{signature}")
+    refuse(svc, f"{header}.{payload}.{signature[:-2]}AA")
+
+
+def test_the_kept_tokens_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tokens_module, "VERIFIED_TOKENS_KEPT", 3)
+    svc = service()
+    issued = [svc.issue_access(USER, f"sid-{i}", now()) for i in range(5)]
+    for token in issued:
+        svc.decode_access(token)
+    assert len(svc._verified) == 3
+    assert all(svc.decode_access(token).sid == f"sid-{i}" for i, token in enumerate(issued))

@@ -24,6 +24,8 @@ from otpcore.domain.model import Role, User
 # Servers of one deployment may disagree on the time by a few seconds.
 CLOCK_SKEW_LEEWAY = 30
 ACCESS_TOKEN_TYPE = "at+jwt"  # noqa: S105 - a JWT type, not a secret
+# Access tokens verified, kept by their exact text (about 1 MiB per 1000 entries at most).
+VERIFIED_TOKENS_KEPT = 10_000
 _ASYMMETRIC: dict[str, type[Key]] = {"EdDSA": OKPKey, "ES256": ECKey, "RS256": RSAKey}
 SUPPORTED_ALGORITHMS = ("HS256", *_ASYMMETRIC)
 
@@ -91,6 +93,12 @@ class TokenService:
         self.audience = audience
         self.access_ttl = access_ttl
         self.refresh_ttl = refresh_ttl
+        self.clock = clock
+        self.leeway = leeway
+        # A client presents one token on every request for its whole lifetime: the signature
+        # and claims of a text verified once need no second check (about 60 µs each), only the
+        # expiry, the one verdict that changes with time. Insertion order evicts the oldest.
+        self._verified: dict[str, AccessClaims] = {}
         self._registry = jwt.JWTClaimsRegistry(
             now=lambda: int(clock()),
             leeway=leeway,
@@ -118,6 +126,18 @@ class TokenService:
         return jwt.encode(header, claims, self.keys.key, algorithms=[self.keys.algorithm])
 
     def decode_access(self, token: str) -> AccessClaims:
+        claims = self._verified.get(token)
+        if claims is None:
+            claims = self._verify(token)
+            if len(self._verified) >= VERIFIED_TOKENS_KEPT:
+                del self._verified[next(iter(self._verified))]
+            self._verified[token] = claims
+        elif claims.exp < int(self.clock()) - self.leeway:  # the rule joserfc applies
+            del self._verified[token]
+            raise InvalidToken("token expired")
+        return claims
+
+    def _verify(self, token: str) -> AccessClaims:
         try:
             decoded = jwt.decode(token, self.keys.key, algorithms=[self.keys.algorithm])
             if decoded.header.get("typ") != ACCESS_TOKEN_TYPE:
