@@ -776,3 +776,11 @@ async def test_aclose_while_connecting_fails_callers_with_a_connection_error() -
         for writer in writers:
             writer.close()
         silent.close()
+
+
+def test_rediss_urls_carry_redis_py_tls_options() -> None:
+    checked = Wire.from_url("rediss://cache.example:6380/0", timeout=1)._tls
+    assert checked is not None and checked.verify_mode == ssl.CERT_REQUIRED and checked.check_hostname
+    unchecked = Wire.from_url("rediss://cache.example:6380/0?ssl_cert_reqs=none", timeout=1)._tls
+    assert unchecked is not None and unchecked.verify_mode == ssl.CERT_NONE
+    assert Wire.from_url("redis://cache.example:6379/0", timeout=1)._tls is None

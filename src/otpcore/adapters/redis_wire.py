@@ -17,11 +17,12 @@ import asyncio
 import collections
 import ssl
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import hiredis
 from redis import exceptions as rex
 from redis._parsers.base import BaseParser
+from redis.connection import parse_url
 
 Arg = bytes | str | int | float
 
@@ -41,8 +42,24 @@ def _encode(args: tuple[Arg, ...]) -> bytes:
     return b"".join(parts)
 
 
+def _tls_context(options: dict[str, Any]) -> ssl.SSLContext:
+    """The TLS settings redis-py reads from a rediss:// URL's query: CA file and certificate check."""
+    context = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
+    if options.get("ssl_cert_reqs") in ("none", ssl.CERT_NONE):
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif options.get("ssl_cert_reqs") in ("optional", ssl.CERT_OPTIONAL):
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_OPTIONAL
+    return context
+
+
 class CannotConnect(rex.ConnectionError):
     """No connection could be made (not retried: the next attempt would wait as long)."""
+
+
+class Closed(rex.ConnectionError):
+    """The wire was closed (aclose) under the call: not retried."""
 
 
 class _Protocol(asyncio.Protocol):
@@ -86,12 +103,12 @@ class Wire:
         db: int = 0,
         username: str | None = None,
         password: str | None = None,
-        tls: bool = False,
+        tls: ssl.SSLContext | None = None,
         timeout: float = 2.0,
     ) -> None:
         self.host, self.port, self.path = host, port, path
         self.timeout = timeout
-        self._tls = ssl.create_default_context() if tls else None
+        self._tls = tls
         handshake: list[tuple[Arg, ...]] = []
         if password is not None:
             handshake.append(("AUTH", username, password) if username else ("AUTH", password))
@@ -109,17 +126,15 @@ class Wire:
     @classmethod
     def from_url(cls, url: str, *, timeout: float) -> Wire:
         """``redis://``, ``rediss://`` (TLS) and ``unix://`` URLs, as redis-py reads them."""
-        parts = urlsplit(url)
-        db_text = parts.path.lstrip("/") if parts.scheme != "unix" else ""
-        query_db = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p).get("db")
+        parsed = parse_url(url)
         return cls(
-            host=parts.hostname or "127.0.0.1",
-            port=parts.port or 6379,
-            path=parts.path if parts.scheme == "unix" else None,
-            db=int(db_text or query_db or 0),
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password is not None else None,
-            tls=parts.scheme == "rediss",
+            host=parsed.get("host") or "127.0.0.1",
+            port=parsed.get("port") or 6379,
+            path=parsed.get("path"),
+            db=int(parsed.get("db") or 0),
+            username=parsed.get("username"),
+            password=parsed.get("password"),
+            tls=_tls_context(parsed) if urlsplit(url).scheme == "rediss" else None,
             timeout=timeout,
         )
 
@@ -133,7 +148,7 @@ class Wire:
         command = _encode(args)
         try:
             return await self._roundtrip(self._protocol or await self._connect(), command)
-        except (CannotConnect, rex.AuthenticationError):
+        except (CannotConnect, rex.AuthenticationError, Closed):
             raise
         except rex.ConnectionError:
             return await self._roundtrip(self._protocol or await self._connect(), command)
@@ -152,7 +167,9 @@ class Wire:
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         if protocol is not self._protocol or protocol.transport is None or protocol.transport.is_closing():
-            waiter.set_exception(rex.ConnectionError("Redis connection closed"))
+            error = rex.ConnectionError("Redis connection closed")
+            self.abort(protocol, error)  # if current: the retry connects anew
+            waiter.set_exception(error)
             return
         now = loop.time()
         self.waiters.append((waiter, now))
@@ -188,6 +205,11 @@ class Wire:
         connecting = self._connecting
         try:
             return await asyncio.shield(connecting)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if connecting.cancelled() and task is not None and not task.cancelling():
+                raise Closed("Redis connection closed") from None
+            raise
         finally:
             if connecting.done() and self._connecting is connecting:
                 self._connecting = None
@@ -214,9 +236,12 @@ class Wire:
                 waiter = loop.create_future()
                 self._send(protocol, _encode(command), waiter, loop)
                 await waiter
-        except rex.ResponseError as exc:
+        except rex.ResponseError as exc:  # not a login failure redis-py knows by name
             self.abort(protocol, rex.AuthenticationError(str(exc)))
             raise rex.AuthenticationError(str(exc)) from exc
+        except BaseException:  # WRONGPASS (AuthenticationError), LOADING, a timeout, aclose
+            self.abort(protocol, rex.ConnectionError("Redis handshake failed"))
+            raise
         return protocol
 
     def abort(self, protocol: _Protocol, error: Exception) -> None:
@@ -240,4 +265,4 @@ class Wire:
             self._connecting.cancel()
             self._connecting = None
         if self._protocol is not None:
-            self.abort(self._protocol, rex.ConnectionError("closed"))
+            self.abort(self._protocol, Closed("closed"))
