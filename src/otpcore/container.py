@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dependency_injector import containers, providers
 
-from otpcore.adapters.cache import CachedUserRepo
+from otpcore.adapters.cache import CachedUserRepo, Invalidations
 from otpcore.adapters.delivery_queue import STREAM as DELIVERY_STREAM
 from otpcore.adapters.delivery_queue import DeliveryWorker, JobCipher, QueuedCodeSender
 from otpcore.adapters.event_stream import EventForwarder, EventStream
@@ -91,6 +91,12 @@ class Container(containers.DeclarativeContainer):
     cache_keyspace = providers.Selector(
         settings.provided.fast_store, memory=providers.Object(None), redis=redis
     )
+    # One invalidation subscription per process, shared by the user and session caches.
+    invalidations = providers.Selector(
+        settings.provided.fast_store,
+        memory=providers.Object(None),
+        redis=providers.Singleton(Invalidations, redis),
+    )
     # A revocation marker outlives every access token of the session it names.
     revoked_ttl = providers.Callable(lambda s: s.jwt_expiry + CLOCK_SKEW_LEEWAY + 60, settings)
     session_store = providers.Selector(
@@ -100,12 +106,14 @@ class Container(containers.DeclarativeContainer):
             CachedSessionStore,
             providers.Singleton(SqliteSessionStore, sqlite),
             keyspace=cache_keyspace,
+            invalidations=invalidations,
             revoked_ttl=revoked_ttl,
         ),
         postgres=providers.Singleton(
             CachedSessionStore,
             providers.Singleton(PostgresSessionStore, postgres),
             keyspace=cache_keyspace,
+            invalidations=invalidations,
             revoked_ttl=revoked_ttl,
         ),
     )
@@ -206,12 +214,14 @@ class Container(containers.DeclarativeContainer):
             CachedUserRepo,
             providers.Singleton(SqliteUserRepo, sqlite, clock=clock),
             keyspace=cache_keyspace,
+            invalidations=invalidations,
             counters=telemetry,
         ),
         postgres=providers.Singleton(
             CachedUserRepo,
             providers.Singleton(PostgresUserRepo, postgres, clock=clock),
             keyspace=cache_keyspace,
+            invalidations=invalidations,
             counters=telemetry,
         ),
     )
@@ -283,9 +293,9 @@ class Core:
             await self._delivery.stop()  # before the Redis clients go
         if self._forwarder is not None:
             await self._forwarder.stop()  # before the Redis clients go
-        user_repo = self.container.user_repo()
-        if isinstance(user_repo, CachedUserRepo):
-            await user_repo.aclose()  # its listener, before the Redis client goes
+        invalidations = self.container.invalidations()
+        if invalidations is not None:
+            await invalidations.aclose()  # the caches' listener, before the Redis client goes
         self.telemetry.shutdown()
         if self.settings.storage != "memory":
             await self._database().close()

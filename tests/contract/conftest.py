@@ -64,10 +64,16 @@ def session_store(request):
     if request.param == "postgres":
         return PostgresSessionStore(request.getfixturevalue("pg_database"))
     if request.param == "cached":
-        # SQLite behind the per-process cache, revocations marked on the test's Redis prefix.
-        inner = SqliteSessionStore(request.getfixturevalue("sqlite_db"))
-        return CachedSessionStore(inner, keyspace=request.getfixturevalue("redis_keyspace"), revoked_ttl=60)
+        return request.getfixturevalue("cached_session_store")
     return SqliteSessionStore(request.getfixturevalue("sqlite_db"))
+
+
+@pytest.fixture
+async def cached_session_store(sqlite_db, redis_keyspace) -> AsyncIterator[CachedSessionStore]:
+    """SQLite behind the per-process cache, revocations marked on the test's Redis prefix."""
+    cached = CachedSessionStore(SqliteSessionStore(sqlite_db), keyspace=redis_keyspace, revoked_ttl=60)
+    yield cached
+    await cached.aclose()
 
 
 @pytest.fixture

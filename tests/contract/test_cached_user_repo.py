@@ -1,7 +1,10 @@
-"""CachedUserRepo beyond the UserRepo contract: what it serves from where, and never stale.
+"""CachedUserRepo beyond the UserRepo contract: what it serves from where, and how stale.
 
 Two CachedUserRepo on one Redis keyspace stand for two server processes; each has a database
-repo of its own on one SQLite file, wrapped to count (and, when asked, hold) its reads.
+repo of its own on one SQLite file, wrapped to count (and, when asked, hold) its reads, and an
+invalidation subscription of its own. Another process may serve its L1 entry until the
+invalidation message reaches it: the tests wait for that (within ``DELIVERY_BOUND``) and measure
+it, and never accept a stale read after it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from tests.fakes import FakeClock
 from tests.faults import CuttableProxy
 
 PHONE = "+14155550123"
+# Generous: an invalidation takes well under a millisecond on one host.
+DELIVERY_BOUND = 2.0
 
 
 class CountingRepo(SqliteUserRepo):
@@ -85,9 +90,29 @@ def cache_clock() -> FakeClock:
 @pytest.fixture
 async def processes(sqlite_db, redis_keyspace, cache_clock) -> AsyncIterator[tuple[Process, Process]]:
     a, b = (Process(sqlite_db, redis_keyspace, cache_clock) for _ in range(2))
+    await until_live(a.cache, b.cache)
     yield a, b
     await a.cache.aclose()
     await b.cache.aclose()
+
+
+async def until_live(*caches: CachedUserRepo) -> None:
+    """Until each cache's invalidation subscription is confirmed (L1 is trusted from then on)."""
+    for cache in caches:
+        assert cache.invalidations is not None
+        cache.invalidations.start()
+    await wait_for(lambda: all(c.invalidations is not None and c.invalidations.live for c in caches))
+
+
+class Arrivals:
+    """When each invalidation reached a process's listener (perf_counter seconds, payload)."""
+
+    def __init__(self, cache: CachedUserRepo) -> None:
+        assert cache.invalidations is not None
+        self.seen: list[tuple[float, bytes]] = []
+        cache.invalidations.watch(
+            cache.channel, lambda data: self.seen.append((time.perf_counter(), data)), lambda: None
+        )
 
 
 async def new_user(process: Process, phone: str = PHONE) -> User:
@@ -128,23 +153,53 @@ async def test_by_phone_reads_are_cached_too(processes) -> None:
     assert await a.cache.get_by_phone("+14155550999") is None  # misses are not cached
 
 
-async def test_an_update_through_one_process_is_read_through_the_other_at_once(processes) -> None:
+async def test_an_update_through_one_process_is_read_through_the_other_once_its_message_arrives(
+    processes, record_property
+) -> None:
     a, b = processes
     user = await new_user(a)
+    arrivals = Arrivals(b.cache)
+    first_message, fresh_after_response = [], []
     for i in range(20):
-        await a.cache.get(user.id)
-        await b.cache.get(user.id)
+        before = await a.cache.get(user.id)
+        assert await b.cache.get(user.id) == before
         assert a.cache.holds(user.id) and b.cache.holds(user.id)
+        arrivals.seen.clear()
 
-        updated = await a.cache.update(user.id, name=f"name {i}")
+        called = time.perf_counter()
+        # Renames, and deactivates every other round: both must reach the other process.
+        updated = await a.cache.update(user.id, name=f"name {i}", is_active=i % 2 == 1)
+        returned = time.perf_counter()
 
-        assert updated is not None and updated.name == f"name {i}"
+        assert updated is not None and (updated.name, updated.is_active) == (f"name {i}", i % 2 == 1)
         assert not a.cache.holds(user.id)  # dropped before update returned
-        # B's L1 may still hold the old entry (the invalidation message is in flight): it must
-        # not serve it.
-        assert (await b.cache.get(user.id)) == updated
-        assert (await a.cache.get(user.id)) == updated
-        assert (await b.cache.get_by_phone(PHONE)) == updated
+        # B serves its old entry at most until the invalidation reaches it, then never again.
+        stale = 0
+        while (got := await b.cache.get(user.id)) != updated:
+            assert got == before, got
+            stale += 1
+            assert time.perf_counter() - returned < DELIVERY_BOUND, f"round {i}: no invalidation"
+            await asyncio.sleep(0.0002)
+        fresh_after_response.append(time.perf_counter() - returned if stale else 0.0)
+        assert await a.cache.get(user.id) == updated  # the writer reads its write at once
+        assert arrivals.seen, "the read was fresh, so the message had arrived"
+        first_message.append(arrivals.seen[0][0] - called)
+        for _ in range(3):
+            assert await b.cache.get(user.id) == updated
+            assert await b.cache.get_by_phone(PHONE) == updated
+            assert await a.cache.get(user.id) == updated
+
+    report = (
+        f"user invalidation: first message at the other process {_ms(first_message)} after the"
+        f" update began; other process fresh {_ms(fresh_after_response)} after its response"
+    )
+    print(report)
+    record_property("user_invalidation_delay", report)
+
+
+def _ms(samples: list[float]) -> str:
+    ordered = sorted(samples)
+    return f"median {ordered[len(ordered) // 2] * 1e3:.3f} ms, max {ordered[-1] * 1e3:.3f} ms"
 
 
 async def test_the_published_invalidation_empties_the_other_l1(processes) -> None:
@@ -186,13 +241,17 @@ async def test_a_write_whose_invalidation_failed_leaves_nothing_stale(
     a, b = Process(sqlite_db, cut_keyspace, cache_clock), Process(sqlite_db, redis_keyspace, cache_clock)
     try:
         user = await new_user(b)
-        await b.cache.get(user.id)
         a.db.before_update, a.db.after_update = asyncio.Event(), asyncio.Event()
+        await until_live(b.cache)
+        await b.cache.get(user.id)
+        assert b.cache.holds(user.id)
         writing = asyncio.create_task(a.cache.update(user.id, name="Grace"))
         await a.db.updating.wait()
 
-        # The write has begun, the database is not written yet: B reads the old row and must not
-        # cache it, or it would outlive the write.
+        # The write has begun (and published), the database is not written yet: B drops its
+        # entry when the message arrives, then reads the old row and must not cache it, or it
+        # would outlive the write.
+        await wait_for(lambda: not b.cache.holds(user.id), timeout=DELIVERY_BOUND)
         assert await b.cache.get(user.id) == user
         assert not b.cache.holds(user.id)
         a.db.before_update.set()

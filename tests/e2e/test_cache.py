@@ -1,4 +1,9 @@
-"""The user cache across two ``otp-server serve`` processes on one Postgres and one Redis."""
+"""The user cache across two ``otp-server serve`` processes on one Postgres and one Redis.
+
+A process serves its in-process entry until the invalidation message reaches it (sub-millisecond
+here, and the first message goes out before the database is written): the test allows
+``DELIVERY_BOUND``, records how long it took, and never accepts a stale read after a fresh one.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ pytestmark = pytest.mark.e2e
 # Postgres publishes a backend's table statistics when it goes idle, but at most once a second;
 # statistics held back by that limit follow 10 s later (PGSTAT_IDLE_INTERVAL).
 STATS_DELAY = 11.0
+# Generous: an invalidation message takes well under a millisecond on one host.
+DELIVERY_BOUND = 2.0
 
 
 def users_table_reads(dsn: str) -> int:
@@ -31,8 +38,8 @@ def users_table_reads(dsn: str) -> int:
     return int(row[0])
 
 
-def test_an_update_through_one_process_is_read_through_the_other_at_once(
-    workdir: Path, production_env: dict[str, str]
+def test_an_update_through_one_process_is_read_through_the_other_once_its_message_arrives(
+    workdir: Path, production_env: dict[str, str], record_property
 ) -> None:
     env = {**production_env, **GENEROUS_LIMITS}
     first, second = Server(workdir, "cache-first", env), Server(workdir, "cache-second", env)
@@ -46,13 +53,28 @@ def test_an_update_through_one_process_is_read_through_the_other_at_once(
                 assert response.status_code == 200, response.text
                 return dict(response.json())
 
+            delays = []
             for i in range(20):
                 name = f"Name {i}"
-                profile(first), profile(second)  # both L1s hold the user now
+                old = profile(first)["name"]
+                assert profile(second)["name"] == old  # both L1s hold the user now
                 updated = client.put(f"{first.base}/api/v1/users/profile", json={"name": name})
+                responded = time.perf_counter()
                 assert updated.status_code == 200, updated.text
-                assert profile(second)["name"] == name, f"stale read in round {i}"
-                assert profile(first)["name"] == name
+                stale = 0
+                while (seen := profile(second)["name"]) != name:
+                    assert seen == old, seen
+                    stale += 1
+                    assert time.perf_counter() - responded < DELIVERY_BOUND, f"round {i}: still stale"
+                delays.append(time.perf_counter() - responded if stale else 0.0)
+                for _ in range(3):  # never stale again
+                    assert profile(second)["name"] == profile(first)["name"] == name
+            report = (
+                f"stale reads after the response: {sum(d > 0 for d in delays)} of {len(delays)} rounds,"
+                f" longest {max(delays) * 1e3:.3f} ms"
+            )
+            print(report)
+            record_property("user_invalidation_delay", report)
 
             # Cached reads, through either process, leave the users table alone.
             time.sleep(STATS_DELAY)
