@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
 from otpcore import SettingsError
+from otpcore.adapters import redis_wire
 
 
 def _exporter(name: str) -> SpanExporter:
@@ -44,6 +45,7 @@ def configure_tracing(environ: Mapping[str, str] = os.environ) -> TracerProvider
         provider.add_span_processor(BatchSpanProcessor(_exporter(name)))
     trace.set_tracer_provider(provider)
     RedisInstrumentor().instrument(tracer_provider=provider)
+    redis_wire.instrument(provider)
     PsycopgInstrumentor().instrument(tracer_provider=provider)
     return provider
 
