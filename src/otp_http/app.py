@@ -8,15 +8,15 @@ from litestar import Litestar, Request, Response, get
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.di import Provide
+from litestar.middleware._internal.cors import CORSMiddleware
 from litestar.openapi import OpenAPIConfig
-from litestar.types import ASGIApp
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from otp_http.controllers.auth import AuthController
 from otp_http.controllers.system import VERSION, SystemController
 from otp_http.controllers.users import AdminUsersController, ProfileController
 from otp_http.errors import EXCEPTION_HANDLERS
 from otp_http.guards import provide_core
-from otp_http.metrics import MetricsMiddleware
 from otp_http.middleware import EdgeMiddleware
 from otpcore import Core, Settings, build_core
 
@@ -31,7 +31,8 @@ async def _metrics_text(request: Request) -> Response[bytes]:
 
 
 def create_litestar(core: Core) -> Litestar:
-    """The Litestar app alone (routes, errors, OpenAPI), without the outer ASGI layers."""
+    """The Litestar app alone (routes, errors, OpenAPI), without the outer ASGI layers (CORS is
+    one of them: see ``with_cors``)."""
     settings = core.settings
     handlers: list[object] = [
         AuthController,
@@ -56,7 +57,26 @@ def create_litestar(core: Core) -> Litestar:
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         request_max_body_size=MAX_BODY_BYTES,
         state=State({"core": core}),
-        cors_config=CORSConfig(
+        openapi_config=OpenAPIConfig(title="otp-server", version=VERSION, path="/schema"),
+        on_startup=[start_core],
+        on_shutdown=[close_core],
+        debug=False,
+        logging_config=None,
+    )
+
+
+def with_cors(app: Litestar, settings: Settings) -> ASGIApp:
+    """Litestar's CORS handling (CORS_ALLOWED_*) around the app: what Litestar does when given a
+    cors_config, as an app of its own so that EdgeMiddleware sends it only requests with an Origin
+    header. Given a cors_config, Litestar runs it on every request, and it costs tens of µs even
+    for the requests it passes through untouched.
+
+    CORSMiddleware comes from Litestar's internal module: its public alias
+    (litestar.middleware.cors) is deprecated and warns; tests/http/test_system.py pins the
+    answers."""
+    cors = CORSMiddleware(
+        app,
+        CORSConfig(
             allow_origins=list(settings.cors_origins),
             allow_methods=list(settings.cors_methods),  # type: ignore[arg-type]
             allow_headers=list(settings.cors_headers),
@@ -68,16 +88,19 @@ def create_litestar(core: Core) -> Litestar:
                 "Retry-After",
             ],
         ),
-        openapi_config=OpenAPIConfig(title="otp-server", version=VERSION, path="/schema"),
-        on_startup=[start_core],
-        on_shutdown=[close_core],
-        debug=False,
-        logging_config=None,
     )
+
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        # The preflight answer is built with the app's request class, found in
+        # scope["litestar_app"], which Litestar itself sets only once it is called.
+        scope["litestar_app"] = app
+        await cors(scope, receive, send)
+
+    return asgi
 
 
 def create_app(core: Core | None = None, settings: Settings | None = None) -> ASGIApp:
-    """The whole ASGI app: metrics around client IP, request id and rate limits around Litestar."""
+    """The whole ASGI app: client IP, request id, CORS, rate limits and metrics around Litestar."""
     core = core or build_core(settings)
     test_numbers = core.auth.policy.test_codes
     if test_numbers:
@@ -88,11 +111,12 @@ def create_app(core: Core | None = None, settings: Settings | None = None) -> AS
             until,
         )
     app = create_litestar(core)
-    edge = EdgeMiddleware(
+    return EdgeMiddleware(
         app,
+        cors=with_cors(app, core.settings),
         limiter=core.container.rate_limiter(),
         events=core.events,
         settings=core.settings,
         metrics_path=core.settings.metrics_endpoint,
+        telemetry=core.telemetry,
     )
-    return MetricsMiddleware(edge, core.telemetry)

@@ -1,7 +1,9 @@
-"""The outer ASGI layer: client IP, request id, per-IP rate limits and their headers.
+"""The outer ASGI layer: client IP, request id, CORS, per-IP rate limits and their headers, and
+the HTTP metrics of every response.
 
 It wraps the whole Litestar app (not app-level middleware) so that every response, router
-404/405s included, carries the request id and the rate-limit headers.
+404/405s included, carries the request id and the rate-limit headers and is counted. It is one
+layer with one wrapped ``send`` because each layer costs every request a call and a closure.
 """
 
 from __future__ import annotations
@@ -9,18 +11,21 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import re
-import uuid
+import secrets
+import time
 from collections.abc import Iterable
+from typing import cast
 
 import msgspec
-from litestar.datastructures import MutableScopeHeaders
-from litestar.types import ASGIApp, HTTPResponseStartEvent, Message, Receive, Scope, Send
+from litestar.types import ASGIApp, HTTPResponseStartEvent, HTTPScope, Message, Receive, Scope, Send
 
 from otp_http.logs import request_id_var
+from otp_http.metrics import record_response
 from otpcore.domain.errors import ServiceUnavailable
 from otpcore.domain.events import AUTH_RATE_LIMITED, Event
 from otpcore.domain.ports import EventBus, Limit, RateDecision, RateLimiter
 from otpcore.settings import Settings
+from otpcore.telemetry import Telemetry
 
 # Handlers append decisions (e.g. send-otp's per-number limit) here, in scope["state"].
 DECISIONS = "rate_decisions"
@@ -70,53 +75,59 @@ def _is_ip(text: str) -> bool:
 
 
 class EdgeMiddleware:
+    """``cors`` is the app to call instead of ``app`` when the request carries an Origin header
+    (CORS has nothing to do without one, so other requests skip it)."""
+
     def __init__(
         self,
         app: ASGIApp,
         *,
+        cors: ASGIApp,
         limiter: RateLimiter,
         events: EventBus,
         settings: Settings,
         metrics_path: str,
+        telemetry: Telemetry,
     ) -> None:
         self.app = app
+        self.cors = cors
         self.limiter = limiter
         self.events = events
-        self.settings = settings
+        self.telemetry = telemetry
         self.client_ip = ClientIp(settings.trusted_proxy_networks)
         self.exempt = (*_UNLIMITED_PREFIXES, metrics_path)
+        # (name, requests, window) of each per-IP limit, read from the settings once.
+        self.global_limit = _limit_of(settings, "global")
+        self.path_limits = tuple((prefix, _limit_of(settings, name)) for prefix, name in _PATH_LIMITS)
 
     def limits_for(self, path: str, ip: str) -> list[Limit]:
         """The per-IP limits of a path: global for all, plus auth or user by prefix."""
         if path.startswith(self.exempt):
             return []
-        names = ["global"] + [name for prefix, name in _PATH_LIMITS if path.startswith(prefix)]
+        found = [self.global_limit, *(limit for prefix, limit in self.path_limits if path.startswith(prefix))]
         return [
-            Limit(
-                name=name,
-                subject=ip,
-                requests=getattr(self.settings, f"rate_limit_{name}_requests"),
-                window=getattr(self.settings, f"rate_limit_{name}_duration"),
-            )
-            for name in names
+            Limit(name=name, subject=ip, requests=requests, window=window) for name, requests, window in found
         ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _incoming_request_id(scope) or uuid.uuid4().hex
+        started = time.perf_counter()
+        incoming_id, has_origin = _read_headers(scope)
+        request_id = incoming_id or secrets.token_hex(16)
         token = request_id_var.set(request_id)
         state = scope.setdefault("state", {})
         ip = self.client_ip(scope)
         state[CLIENT_IP] = ip
         decisions: list[RateDecision] = state.setdefault(DECISIONS, [])
+        status = 500
 
         async def send_with_headers(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
-                headers = MutableScopeHeaders.from_message(message)
-                headers["X-Request-ID"] = request_id
-                _rate_headers(headers, decisions)
+                status = message["status"]
+                _set_headers(message, _edge_headers(request_id, decisions))
             await send(message)
 
         try:
@@ -140,9 +151,18 @@ class EdgeMiddleware:
                         f"Try again in {full.reset_after}s.",
                     )
                     return
-            await self.app(scope, receive, send_with_headers)
+            await (self.cors if has_origin else self.app)(scope, receive, send_with_headers)
         finally:
             request_id_var.reset(token)
+            elapsed = time.perf_counter() - started
+            record_response(
+                self.telemetry,
+                cast("HTTPScope", scope)["method"],
+                scope.get("path_template"),
+                status,
+                elapsed,
+                state.get(RATE_LIMITED),
+            )
 
     async def _publish_rate_limited(self, ip: str, decision: RateDecision) -> None:
         event = Event(event_type=AUTH_RATE_LIMITED, data={"client_ip": ip, "limit": decision.name})
@@ -151,12 +171,27 @@ class EdgeMiddleware:
             await self.events.publish(event)
 
 
-def _incoming_request_id(scope: Scope) -> str | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"x-request-id":
+def _limit_of(settings: Settings, name: str) -> tuple[str, int, int]:
+    return (
+        name,
+        getattr(settings, f"rate_limit_{name}_requests"),
+        getattr(settings, f"rate_limit_{name}_duration"),
+    )
+
+
+def _read_headers(scope: Scope) -> tuple[str | None, bool]:
+    """The incoming request id if it is safe to echo, and whether an Origin header came (one pass)."""
+    request_id: str | None = None
+    seen_id = has_origin = False
+    for name, value in scope["headers"]:
+        if name == b"x-request-id" and not seen_id:
+            # Only the first one counts: an unsafe first id is replaced, not a later one taken.
+            seen_id = True
             text = value.decode("latin-1")
-            return text if _REQUEST_ID.fullmatch(text) else None
-    return None
+            request_id = text if _REQUEST_ID.fullmatch(text) else None
+        elif name == b"origin":
+            has_origin = True
+    return request_id, has_origin
 
 
 def _shown(decisions: list[RateDecision]) -> RateDecision:
@@ -165,17 +200,28 @@ def _shown(decisions: list[RateDecision]) -> RateDecision:
     return min(refused or decisions, key=lambda d: (d.remaining, -d.reset_after))
 
 
-def _rate_headers(headers: MutableScopeHeaders, decisions: list[RateDecision]) -> None:
+def _edge_headers(request_id: str, decisions: list[RateDecision]) -> list[tuple[bytes, bytes]]:
+    """X-Request-ID, and the rate-limit headers when limits were decided."""
+    headers = [(b"x-request-id", request_id.encode("latin-1"))]
     if not decisions:
-        return
+        return headers
     shown = _shown(decisions)
     refused = not shown.allowed
-    headers["X-RateLimit-Limit"] = str(shown.limit)
-    headers["X-RateLimit-Remaining"] = str(0 if refused else shown.remaining)
-    headers["X-RateLimit-Reset"] = str(shown.reset_after)
+    headers += [
+        (b"x-ratelimit-limit", b"%d" % shown.limit),
+        (b"x-ratelimit-remaining", b"%d" % (0 if refused else shown.remaining)),
+        (b"x-ratelimit-reset", b"%d" % shown.reset_after),
+    ]
     if refused:
-        headers["Retry-After"] = str(max(1, shown.reset_after))
-        headers["X-RateLimit-Exceeded"] = "true"
+        headers += [(b"retry-after", b"%d" % max(1, shown.reset_after)), (b"x-ratelimit-exceeded", b"true")]
+    return headers
+
+
+def _set_headers(message: HTTPResponseStartEvent, headers: list[tuple[bytes, bytes]]) -> None:
+    """Put ``headers`` on a response, replacing any the app set under the same names."""
+    names = {name for name, _ in headers}
+    kept = [header for header in message.get("headers", ()) if header[0].lower() not in names]
+    message["headers"] = kept + headers
 
 
 _encode = msgspec.json.encode

@@ -241,6 +241,39 @@ async def test_cors_other_origin_not_allowed(mem_api):
     assert response.headers.get("access-control-allow-origin") != "*"
 
 
+async def test_cors_preflight_of_a_method_not_allowed_is_refused(mem_api):
+    response = await mem_api.client().options(
+        "/api/v1/auth/send-otp",
+        headers={"Origin": "http://localhost:3000", "Access-Control-Request-Method": "CONNECT"},
+    )
+    assert response.status_code == 400
+    assert "access-control-allow-origin" not in response.headers
+    assert response.headers["x-request-id"]
+
+
+async def test_cors_headers_on_router_errors_and_edge_headers_on_preflights(mem_api):
+    origin = {"Origin": "http://localhost:3000"}
+    missing = await mem_api.get("/no/such/path", headers=origin)
+    assert missing.status_code == 404
+    assert missing.headers["access-control-allow-origin"] == "http://localhost:3000"
+    preflight = await mem_api.client().options(
+        "/api/v1/auth/send-otp", headers={**origin, "Access-Control-Request-Method": "POST"}
+    )
+    assert preflight.status_code == 204
+    assert preflight.headers["x-request-id"] and preflight.headers["x-ratelimit-limit"]
+
+
+async def test_no_cors_headers_without_an_origin(mem_api):
+    for response in (
+        await mem_api.get("/health"),
+        await mem_api.post("/api/v1/auth/send-otp", {"phone_number": new_phone()}),
+        await mem_api.client().options("/api/v1/auth/send-otp"),
+    ):
+        assert not [name for name in response.headers if name.startswith("access-control-")], response.headers
+    # Without an Origin, OPTIONS is the router's answer, not a CORS preflight.
+    assert response.status_code == 204 and response.headers["allow"] == "OPTIONS, POST"
+
+
 async def test_duration_histogram_has_sub_second_buckets(mem_api):
     await mem_api.get("/api/v1/users/profile")
     text = (await mem_api.get("/metrics")).text
