@@ -16,6 +16,7 @@ from otp_http.controllers.auth import AuthController
 from otp_http.controllers.system import VERSION, SystemController
 from otp_http.controllers.users import AdminUsersController, ProfileController
 from otp_http.errors import EXCEPTION_HANDLERS
+from otp_http.fastlane import FastLane
 from otp_http.guards import provide_core
 from otp_http.middleware import EdgeMiddleware
 from otpcore import Core, Settings, build_core
@@ -99,8 +100,13 @@ def with_cors(app: Litestar, settings: Settings) -> ASGIApp:
     return asgi
 
 
-def create_app(core: Core | None = None, settings: Settings | None = None) -> ASGIApp:
-    """The whole ASGI app: client IP, request id, CORS, rate limits and metrics around Litestar."""
+def create_app(
+    core: Core | None = None, settings: Settings | None = None, *, fast_lane: bool = True
+) -> ASGIApp:
+    """The whole ASGI app: client IP, request id, CORS, rate limits and metrics around Litestar.
+
+    ``fast_lane=False`` sends every request through Litestar (tests compare the two).
+    """
     core = core or build_core(settings)
     test_numbers = core.auth.policy.test_codes
     if test_numbers:
@@ -119,4 +125,5 @@ def create_app(core: Core | None = None, settings: Settings | None = None) -> AS
         settings=core.settings,
         metrics_path=core.settings.metrics_endpoint,
         telemetry=core.telemetry,
+        fast_lane=FastLane(core, app, max_body=MAX_BODY_BYTES) if fast_lane else None,
     )

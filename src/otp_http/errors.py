@@ -45,12 +45,20 @@ _MISSING_FIELD = re.compile(r"missing required field `(\w+)`")
 
 def error_response(status: int, code: str, message: str, **extra: object) -> Response[ErrorBody]:
     body = ErrorBody(error=code, message=message, **extra)  # type: ignore[arg-type]
-    headers = {"Retry-After": str(extra["retry_after"])} if extra.get("retry_after") else None
-    return Response(body, status_code=status, headers=headers)
+    return Response(body, status_code=status, headers=error_headers(body))
+
+
+def error_headers(body: ErrorBody) -> dict[str, str] | None:
+    return {"Retry-After": str(body.retry_after)} if body.retry_after else None
+
+
+def status_of(exc: e.OtpError) -> int:
+    """The HTTP status of a domain error; 500 for one the table does not know."""
+    return next((s for cls, s in STATUS.items() if isinstance(exc, cls)), 500)
 
 
 def domain_error(_: Request, exc: e.OtpError) -> Response[ErrorBody]:
-    status = next((s for cls, s in STATUS.items() if isinstance(exc, cls)), 500)
+    status = status_of(exc)
     if status == 500:
         return internal_error(_, exc)
     return error_response(status, exc.code, exc.message, **exc.details)
@@ -86,8 +94,12 @@ def undecodable_body(_: Request, exc: Exception) -> Response[ErrorBody]:
 
 
 def internal_error(request: Request, exc: Exception) -> Response[ErrorBody]:
-    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    log_internal_error(request.method, request.url.path, exc)
     return error_response(500, "internal_error", "internal server error")
+
+
+def log_internal_error(method: str, path: str, exc: Exception) -> None:
+    log.error("unhandled error on %s %s", method, path, exc_info=exc)
 
 
 def _validation_message(exc: ValidationException) -> str:

@@ -25,15 +25,17 @@ def core_of(connection: ASGIConnection) -> Core:
     return connection.app.state.core
 
 
-def bearer_token(connection: ASGIConnection) -> str:
-    scheme, _, token = connection.headers.get("authorization", "").partition(" ")
+def bearer_token(authorization: str) -> str:
+    """The token of an ``Authorization: Bearer <token>`` header value."""
+    scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip() or " " in token.strip():
         raise AuthorizationRequired()
     return token.strip()
 
 
 async def requires_user(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-    principal = await core_of(connection).auth.authenticate(bearer_token(connection))
+    token = bearer_token(connection.headers.get("authorization", ""))
+    principal = await core_of(connection).auth.authenticate(token)
     connection.state[_PRINCIPAL] = principal
 
 

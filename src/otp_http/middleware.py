@@ -14,7 +14,7 @@ import re
 import secrets
 import time
 from collections.abc import Iterable
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import msgspec
 from litestar.types import ASGIApp, HTTPResponseStartEvent, HTTPScope, Message, Receive, Scope, Send
@@ -26,6 +26,9 @@ from otpcore.domain.events import AUTH_RATE_LIMITED, Event
 from otpcore.domain.ports import EventBus, Limit, RateDecision, RateLimiter
 from otpcore.settings import Settings
 from otpcore.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from otp_http.fastlane import FastLane
 
 # Handlers append decisions (e.g. send-otp's per-number limit) here, in scope["state"].
 DECISIONS = "rate_decisions"
@@ -88,9 +91,11 @@ class EdgeMiddleware:
         settings: Settings,
         metrics_path: str,
         telemetry: Telemetry,
+        fast_lane: FastLane | None = None,
     ) -> None:
         self.app = app
         self.cors = cors
+        self.fast_lane = fast_lane
         self.limiter = limiter
         self.events = events
         self.telemetry = telemetry
@@ -151,7 +156,11 @@ class EdgeMiddleware:
                         f"Try again in {full.reset_after}s.",
                     )
                     return
-            await (self.cors if has_origin else self.app)(scope, receive, send_with_headers)
+            if has_origin:
+                await self.cors(scope, receive, send_with_headers)
+            else:
+                fast = self.fast_lane.route(cast("HTTPScope", scope)) if self.fast_lane else None
+                await (fast or self.app)(scope, receive, send_with_headers)
         finally:
             request_id_var.reset(token)
             elapsed = time.perf_counter() - started

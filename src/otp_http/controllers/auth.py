@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from litestar import Controller, Request, post
 from litestar.di import Provide
 from litestar.params import JSONBody
@@ -18,7 +20,25 @@ from otp_http.schemas import (
     VerifyOtpRequest,
     error_responses,
 )
+from otpcore import Core
 from otpcore.domain.errors import RateLimitExceeded
+
+
+async def send_otp(core: Core, state: dict[str, Any], data: SendOtpRequest) -> SendOtpResponse:
+    """Send a code; the per-number decision joins the per-IP ones in the rate-limit headers."""
+    try:
+        sent = await core.auth.send_code(data.phone_number)
+    except RateLimitExceeded as exc:
+        state[DECISIONS].append(exc.decision)
+        state[RATE_LIMITED] = exc.decision.name
+        raise
+    if sent.decision is not None:
+        state[DECISIONS].append(sent.decision)
+    return SendOtpResponse(
+        message="OTP sent successfully",
+        phone_number=sent.phone_number,
+        expires_in=sent.expires_in,
+    )
 
 
 class AuthController(Controller):
@@ -29,19 +49,7 @@ class AuthController(Controller):
     async def send_otp(
         self, request: Request, core: CoreDep, data: JSONBody[SendOtpRequest]
     ) -> SendOtpResponse:
-        try:
-            sent = await core.auth.send_code(data.phone_number)
-        except RateLimitExceeded as exc:
-            request.state[DECISIONS].append(exc.decision)
-            request.state[RATE_LIMITED] = exc.decision.name
-            raise
-        if sent.decision is not None:
-            request.state[DECISIONS].append(sent.decision)
-        return SendOtpResponse(
-            message="OTP sent successfully",
-            phone_number=sent.phone_number,
-            expires_in=sent.expires_in,
-        )
+        return await send_otp(core, request.scope["state"], data)
 
     @post("/verify-otp", status_code=HTTP_200_OK, responses=error_responses(400, 403, 413))
     async def verify_otp(self, core: CoreDep, data: JSONBody[VerifyOtpRequest]) -> TokenResponse:
