@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import phonenumbers
 import pytest
 
 from otpcore.domain.errors import InvalidPhoneNumber
@@ -95,3 +96,22 @@ def test_country_of() -> None:
     assert PhonePolicy.country_of(E164) == "US"
     assert PhonePolicy.country_of("+442079460958") == "GB"
     assert PhonePolicy.country_of("nonsense") == "ZZ"
+
+
+def test_parse_finds_the_country_and_judges_validity_as_is_valid_number() -> None:
+    policy = PhonePolicy()
+    regions = ["US", "CA", "JM", "GB", "IM", "DE", "FR", "IN", "BR", "NG", "RU", "KZ", "AU", "JP"]
+    for region in regions:
+        example = phonenumbers.example_number(region)
+        assert example is not None
+        e164 = phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.E164)
+        assert policy.parse(e164) == (e164, region)
+        # Neighbours of a valid number: some valid, some not; parse must agree with the library.
+        for last in "0123456789":
+            candidate = e164[:-1] + last + "9"
+            parsed = phonenumbers.parse(candidate, None)
+            if phonenumbers.is_valid_number(parsed):
+                assert policy.parse(candidate).country == phonenumbers.region_code_for_number(parsed)
+            else:
+                with pytest.raises(InvalidPhoneNumber):
+                    policy.parse(candidate)

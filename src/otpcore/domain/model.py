@@ -6,6 +6,7 @@ import enum
 import unicodedata
 from collections.abc import Collection
 from datetime import datetime
+from typing import NamedTuple
 
 import msgspec
 import phonenumbers
@@ -38,6 +39,11 @@ class UserPage(msgspec.Struct, frozen=True, kw_only=True):
     next_after_id: int | None = None
 
 
+class Phone(NamedTuple):
+    e164: str
+    country: str  # ISO region, "ZZ" when unknown
+
+
 class PhonePolicy(msgspec.Struct, frozen=True, kw_only=True):
     """How raw input becomes an E.164 number, and where codes may go."""
 
@@ -50,6 +56,10 @@ class PhonePolicy(msgspec.Struct, frozen=True, kw_only=True):
 
         ``test_numbers`` (default: the policy's own) are the test numbers in force right now.
         """
+        return self.parse(raw, test_numbers=test_numbers).e164
+
+    def parse(self, raw: str, *, test_numbers: Collection[str] | None = None) -> Phone:
+        """``normalize``, with the number's country found on the way (one parse, not two)."""
         if not isinstance(raw, str) or not raw.strip() or len(raw) > 64:
             raise InvalidPhoneNumber("phone number must be an international number like +14155550123")
         try:
@@ -59,15 +69,15 @@ class PhonePolicy(msgspec.Struct, frozen=True, kw_only=True):
                 "phone number must be an international number like +14155550123"
             ) from exc
         e164 = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+        region = phonenumbers.region_code_for_number(parsed)
         if e164 in (self.test_numbers if test_numbers is None else test_numbers):
-            return e164
-        if not phonenumbers.is_valid_number(parsed):
+            return Phone(e164, region or "ZZ")
+        # is_valid_number is exactly this, finding the region again.
+        if region is None or not phonenumbers.is_valid_number_for_region(parsed, region):
             raise InvalidPhoneNumber("phone number is not a valid number")
-        if self.allowed_countries:
-            region = phonenumbers.region_code_for_number(parsed)
-            if region not in self.allowed_countries:
-                raise InvalidPhoneNumber("codes cannot be sent to this country")
-        return e164
+        if self.allowed_countries and region not in self.allowed_countries:
+            raise InvalidPhoneNumber("codes cannot be sent to this country")
+        return Phone(e164, region)
 
     @staticmethod
     def country_of(e164: str) -> str:

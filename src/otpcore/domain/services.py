@@ -113,9 +113,8 @@ class AuthService:
 
     async def send_code(self, phone_number: str) -> SendResult:
         test_codes = self.policy.active_test_codes(self.clock())
-        phone = self.phones.normalize(phone_number, test_numbers=test_codes)
+        phone, country = self.phones.parse(phone_number, test_numbers=test_codes)
         test_code = test_codes.get(phone)
-        country = self.phones.country_of(phone)
         if test_code is None:
             await self._check_country_budget(phone, country)
         code = test_code or self.policy.generate()
@@ -204,7 +203,9 @@ class AuthService:
             await asyncio.gather(*self._deliveries, return_exceptions=True)
 
     async def verify_code(self, phone_number: str, code: str, name: str | None = None) -> AuthResult:
-        phone = self.phones.normalize(phone_number, test_numbers=self.policy.active_test_codes(self.clock()))
+        phone, country = self.phones.parse(
+            phone_number, test_numbers=self.policy.active_test_codes(self.clock())
+        )
         candidate = code.strip() if isinstance(code, str) else ""
         if not candidate or len(candidate) > CODE_INPUT_MAX:
             raise ValidationError(f"otp_code: must be 1 to {CODE_INPUT_MAX} characters")
@@ -224,7 +225,6 @@ class AuthService:
             await self._publish(ev.AUTH_FAILED, phone_number=phone, reason="user_inactive")
             raise UserInactive()
         result = await self._open_session(user)
-        country = self.phones.country_of(phone)
         events = [
             Event(
                 event_type=ev.OTP_VERIFIED,
