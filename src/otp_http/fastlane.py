@@ -31,6 +31,18 @@ VERIFY_OTP = "/api/v1/auth/verify-otp"
 PROFILE = "/api/v1/users/profile"
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+# Litestar decodes a whole body before it converts it, refusing bad JSON even in a field it then
+# ignores; a typed decoder skips unknown fields unread. Bodies with one go to Litestar instead.
+class _SendOtpExactly(SendOtpRequest, forbid_unknown_fields=True):
+    pass
+
+
+class _VerifyOtpExactly(VerifyOtpRequest, forbid_unknown_fields=True):
+    pass
+
+
 _JSON = (b"content-type", b"application/json")
 
 
@@ -39,8 +51,8 @@ class FastLane:
         self.core = core
         self.fallback = fallback
         self.max_body = max_body
-        self._send_otp = msgspec.json.Decoder(SendOtpRequest)
-        self._verify_otp = msgspec.json.Decoder(VerifyOtpRequest)
+        self._send_otp = msgspec.json.Decoder(_SendOtpExactly)
+        self._verify_otp = msgspec.json.Decoder(_VerifyOtpExactly)
         self.routes: dict[tuple[str, str], Handler] = {
             ("POST", SEND_OTP): self.send_otp,
             ("POST", VERIFY_OTP): self.verify_otp,
@@ -83,6 +95,9 @@ class FastLane:
         self, decoder: msgspec.json.Decoder[Any], scope: Scope, receive: Receive, send: Send
     ) -> Any:
         """The body decoded, or None once Litestar has answered a body it could not be."""
+        if not self._fits(scope):
+            await self.fallback(scope, receive, send)  # Litestar refuses it before reading
+            return None
         messages: list[ReceiveMessage] = []
         chunks: list[bytes] = []
         size = 0
@@ -103,6 +118,13 @@ class FastLane:
                     break
         await self.fallback(scope, _replay(messages, receive), send)
         return None
+
+    def _fits(self, scope: Scope) -> bool:
+        """Whether an announced Content-Length (if any) is a number within the limit."""
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                return value.isdigit() and int(value) <= self.max_body
+        return True
 
 
 def _replay(messages: list[ReceiveMessage], receive: Receive) -> Receive:
