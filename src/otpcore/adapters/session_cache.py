@@ -16,11 +16,12 @@ invalidation arrived while it was being read, so a fill cannot outlive a revocat
 
 **Staleness bound.** A revoked session's tokens keep working in another process until that
 process receives the message — sub-millisecond on one host, and the message goes out before the
-database changes (``tests/contract/test_cached_session_store.py`` measures it) — and never longer
-than ``l1_ttl``. That is 5 s by default, as for users: with no per-read check any more it is the
-bound for a process whose subscription died without it noticing (its heartbeat notices within
-about 3 s), and a miss costs only one database read and one ``EXISTS`` per session and process
-every 5 s. The process that revoked refuses the session at once.
+database changes (``tests/contract/test_cached_session_store.py`` measures it). A subscription
+that dies empties L1 as it goes, and one that dies unnoticed is noticed by its heartbeat within
+about 3 s, which empties L1 too; ``l1_ttl`` (60 s) only bounds what no message or heartbeat
+could. A longer TTL than the user cache's 5 s keeps a cached profile read free of database
+statements (a session changes only by revocation; a user's L1 misses go to L2 in Redis, a
+session's would go to the database). The process that revoked refuses the session at once.
 
 **Without Redis** (the embedded default, one process) L1 is dropped locally on revocation. If
 Redis cannot answer, reads go to the database and nothing read then is cached.
@@ -56,7 +57,7 @@ class CachedSessionStore:
         revoked_ttl: float,
         invalidations: Invalidations | None = None,
         l1_size: int = 100_000,
-        l1_ttl: float = 5.0,
+        l1_ttl: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.inner = inner
@@ -117,8 +118,7 @@ class CachedSessionStore:
         return session
 
     async def _is_marked(self, keyspace: RedisKeyspace, session_id: str) -> bool:
-        client, marker = keyspace.client, self._marker(session_id)
-        return bool(await keyspace.execute(lambda: client.exists(marker)))
+        return bool(await keyspace.call("EXISTS", self._marker(session_id)))
 
     async def revoke(self, session_id: str) -> bool:
         await self._mark_revoked(session_id)
