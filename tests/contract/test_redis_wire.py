@@ -654,6 +654,25 @@ async def test_password_and_database_of_the_url_are_used(server: RedisServer) ->
         await wire.aclose()
 
 
+async def test_calls_made_during_the_handshake_land_in_the_urls_database(server: RedisServer) -> None:
+    server.client().config_set("requirepass", "pw")
+    admin = redis.Redis(port=server.port, password="pw", db=3)
+    wire = Wire.from_url(f"redis://:pw@127.0.0.1:{server.port}/3", timeout=2)
+    try:
+        first = asyncio.ensure_future(wire.call("SET", "k-first", 1))
+        late: list[asyncio.Future[Any]] = []
+        while not first.done():  # one more call every loop iteration until the first returns
+            late.append(asyncio.ensure_future(wire.call("SET", f"k{len(late)}", 1)))
+            await asyncio.sleep(0)
+        await asyncio.gather(first, *late)
+        assert len(late) > 2
+        assert admin.exists("k-first", *(f"k{i}" for i in range(len(late)))) == len(late) + 1
+        assert admin.execute_command("SELECT", 0) and admin.dbsize() == 0
+    finally:
+        admin.close()
+        await wire.aclose()
+
+
 async def test_an_acl_user_of_the_url_logs_in(server: RedisServer) -> None:
     admin = server.client()
     admin.acl_setuser("wire-user", enabled=True, passwords=["+pass word"], keys=["*"], commands=["+@all"])

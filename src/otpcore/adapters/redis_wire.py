@@ -82,6 +82,10 @@ class _Protocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self is not self.wire._protocol:  # a dropped connection: its replies are no one's
+            if self.transport is not None:
+                self.transport.abort()
+            return
         self.reader.feed(data)
         waiters = self.wire.waiters
         try:
@@ -256,11 +260,14 @@ class Wire:
         except (OSError, TimeoutError) as exc:
             raise CannotConnect(f"cannot connect to Redis: {exc}") from exc
         self._protocol = protocol
+        # Queued with no await in between, the handshake leaves ahead of every command that
+        # callers queue meanwhile: none can run before the SELECT, on another database.
+        waiters = []
+        for command in self._handshake:
+            waiters.append(waiter := loop.create_future())
+            self._send(protocol, _encode(command), waiter, loop)
         try:
-            for command in self._handshake:
-                waiter = loop.create_future()
-                self._send(protocol, _encode(command), waiter, loop)
-                await waiter
+            await asyncio.gather(*waiters)
         except rex.ResponseError as exc:  # not a login failure redis-py knows by name
             self.abort(protocol, rex.AuthenticationError(str(exc)))
             raise rex.AuthenticationError(str(exc)) from exc
