@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, cast
 import msgspec
 from litestar.types import ASGIApp, HTTPResponseStartEvent, HTTPScope, Message, Receive, Scope, Send
 
+from otp_http.errors import log_internal_error
 from otp_http.logs import request_id_var
 from otp_http.metrics import record_response
 from otpcore.domain.errors import ServiceUnavailable
@@ -142,6 +143,10 @@ class EdgeMiddleware:
                     decisions.extend(await self.limiter.hit(limits))
                 except ServiceUnavailable:
                     await _reply(send_with_headers, 503, "service_unavailable", "rate limiter unavailable")
+                    return
+                except Exception as exc:  # a reply no one foresaw: still the JSON error body
+                    log_internal_error(cast("HTTPScope", scope)["method"], scope["path"], exc)
+                    await _reply(send_with_headers, 500, "internal_error", "internal server error")
                     return
                 if not decisions[-1].allowed:
                     full = _shown(decisions)

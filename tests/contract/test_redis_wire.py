@@ -803,3 +803,11 @@ def test_rediss_urls_carry_redis_py_tls_options() -> None:
     unchecked = Wire.from_url("rediss://cache.example:6380/0?ssl_cert_reqs=none", timeout=1)._tls
     assert unchecked is not None and unchecked.verify_mode == ssl.CERT_NONE
     assert Wire.from_url("redis://cache.example:6379/0", timeout=1)._tls is None
+
+
+def test_a_url_with_tls_options_the_wire_lacks_is_left_to_redis_py() -> None:
+    assert Wire.understands("rediss://cache.example:6380/0?ssl_cert_reqs=none&ssl_ca_certs=/ca.pem")
+    with_client_cert = "rediss://cache.example:6380/0?ssl_certfile=/c.pem&ssl_keyfile=/k.pem"
+    assert not Wire.understands(with_client_cert)
+    assert RedisKeyspace.from_url(with_client_cert, cluster=False).wire is None
+    assert RedisKeyspace.from_url("redis://127.0.0.1:6379/0", cluster=False).wire is not None

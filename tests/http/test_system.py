@@ -74,6 +74,24 @@ async def test_rate_limiter_down_fails_closed(make_api):
     assert (await api.get("/health")).status_code == 200
 
 
+class FaultyLimiter:
+    async def hit(self, *a, **k):
+        raise RuntimeError("an error reply no one foresaw")
+
+    async def ping(self):
+        return None
+
+
+async def test_an_unforeseen_limiter_failure_is_the_json_500(make_api, caplog):
+    api = await make_api(overrides={"rate_limiter": FaultyLimiter()})
+    response = await api.send(new_phone())
+    assert_error(response, 500, "internal_error")
+    assert "no one foresaw" not in response.text
+    assert response.headers.get("x-request-id")
+    assert api.sender.sent == []
+    assert any(record.levelname == "ERROR" for record in caplog.records)
+
+
 async def test_database_closed_is_503(make_api):
     api = await make_api("sqlite")
     body = await api.login()

@@ -149,7 +149,8 @@ class RedisKeyspace:
             retry=Retry(backoff, retries=1, supported_errors=(rex.ConnectionError,)),
             **options,
         )
-        return cls(Redis.from_pool(pool), prefix, timeout=timeout, wire=Wire.from_url(url, timeout=timeout))
+        wire = Wire.from_url(url, timeout=timeout) if Wire.understands(url) else None
+        return cls(Redis.from_pool(pool), prefix, timeout=timeout, wire=wire)
 
     def key(self, subject: str, name: str) -> str:
         return f"{self.prefix}:{{{subject}}}:{name}"

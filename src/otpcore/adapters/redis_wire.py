@@ -52,6 +52,9 @@ def _encode(args: tuple[Arg, ...]) -> bytes:
     return b"".join(parts)
 
 
+_TLS_OPTIONS = {"ssl_ca_certs", "ssl_cert_reqs"}
+
+
 def _tls_context(options: dict[str, Any]) -> ssl.SSLContext:
     """The TLS settings redis-py reads from a rediss:// URL's query: CA file and certificate check."""
     context = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
@@ -136,6 +139,12 @@ class Wire:
         self._pending: list[bytes] = []
         self._flush_scheduled = False
         self._watchdog: asyncio.TimerHandle | None = None
+
+    @staticmethod
+    def understands(url: str) -> bool:
+        """Whether the URL asks for nothing the wire cannot do (client certificates, say):
+        a URL it does not understand is left to redis-py whole."""
+        return not (set(k for k in parse_url(url) if k.startswith("ssl_")) - _TLS_OPTIONS)
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float) -> Wire:

@@ -134,7 +134,7 @@ class TokenService:
             self._verified[token] = claims
         elif claims.exp < int(self.clock()) - self.leeway:  # the rule joserfc applies
             del self._verified[token]
-            raise InvalidToken("token expired")
+            raise InvalidToken()  # as a token never seen: the answer shows nothing of this cache
         return claims
 
     def _verify(self, token: str) -> AccessClaims:
