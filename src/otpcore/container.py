@@ -278,7 +278,11 @@ class Core:
         return self.container.sqlite()
 
     async def start(self) -> None:
-        """Start the background work of a serving process: event forwarder, SMS delivery worker."""
+        """Start the background work of a serving process: event forwarder, SMS delivery worker,
+        and the caches' invalidation listener (live before the first request, not at it)."""
+        invalidations = self.container.invalidations()
+        if invalidations is not None:
+            invalidations.start()
         self._forwarder = self.container.event_forwarder()
         if self._forwarder is not None:
             self._forwarder.start()
