@@ -22,9 +22,10 @@ from litestar.types import ASGIApp, HTTPResponseStartEvent, HTTPScope, Receive, 
 from otp_http.controllers.auth import send_otp
 from otp_http.errors import error_headers, log_internal_error, status_of
 from otp_http.guards import bearer_token
+from otp_http.middleware import ADMISSION, DECISIONS, Admission
 from otp_http.schemas import ErrorBody, SendOtpRequest, TokenResponse, UserOut, VerifyOtpRequest
 from otpcore import Core
-from otpcore.domain.errors import OtpError
+from otpcore.domain.errors import AdmissionRefused, OtpError
 
 SEND_OTP = "/api/v1/auth/send-otp"
 VERIFY_OTP = "/api/v1/auth/verify-otp"
@@ -67,10 +68,33 @@ class FastLane:
             scope["path_template"] = scope["path"]
         return handler
 
+    def admits(self, scope: Scope) -> bool:
+        """Whether this request's handler decides the per-IP limits itself: send-otp does, in
+        the send's own script (see ``AuthService.send_code``)."""
+        return scope["path"] == SEND_OTP
+
     async def send_otp(self, scope: Scope, receive: Receive, send: Send) -> None:
-        data = await self._decode(self._send_otp, scope, receive, send)
-        if data is not None:
-            await _answer(scope, send, lambda: send_otp(self.core, scope["state"], data))
+        state = scope["state"]
+        admission: Admission | None = state.get(ADMISSION)
+        data = await self._decode(self._send_otp, scope, receive, send, admission)
+        if data is None:
+            return
+        if admission is None:
+            await _answer(scope, send, lambda: send_otp(self.core, state, data))
+            return
+        names = {limit.name for limit in admission.limits}
+
+        async def settle() -> bool:
+            # A send refused before its script leaves the per-IP limits undecided: decide them
+            # now, before the answer, as the edge would have before the request.
+            if any(decision.name in names for decision in state[DECISIONS]):
+                return True
+            return await admission.admit()
+
+        try:
+            await _answer(scope, send, lambda: send_otp(self.core, state, data, admission.limits), settle)
+        except AdmissionRefused:
+            await admission.refuse()
 
     async def verify_otp(self, scope: Scope, receive: Receive, send: Send) -> None:
         data = await self._decode(self._verify_otp, scope, receive, send)
@@ -92,11 +116,18 @@ class FastLane:
         return UserOut.of(principal.user)
 
     async def _decode(
-        self, decoder: msgspec.json.Decoder[Any], scope: Scope, receive: Receive, send: Send
+        self,
+        decoder: msgspec.json.Decoder[Any],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        admission: Admission | None = None,
     ) -> Any:
-        """The body decoded, or None once Litestar has answered a body it could not be."""
+        """The body decoded, or None once Litestar (or a per-IP refusal) has answered a body it
+        could not be; ``admission``: per-IP limits to decide before Litestar sees it."""
         if not self._fits(scope):
-            await self.fallback(scope, receive, send)  # Litestar refuses it before reading
+            if admission is None or await admission.admit():
+                await self.fallback(scope, receive, send)  # Litestar refuses it before reading
             return None
         messages: list[ReceiveMessage] = []
         chunks: list[bytes] = []
@@ -116,7 +147,8 @@ class FastLane:
                     return decoder.decode(b"".join(chunks))
                 except Exception:  # any failure: Litestar decodes it again and answers
                     break
-        await self.fallback(scope, _replay(messages, receive), send)
+        if admission is None or await admission.admit():
+            await self.fallback(scope, _replay(messages, receive), send)
         return None
 
     def _fits(self, scope: Scope) -> bool:
@@ -137,11 +169,19 @@ def _replay(messages: list[ReceiveMessage], receive: Receive) -> Receive:
     return replayed
 
 
-async def _answer(scope: Scope, send: Send, call: Callable[[], Awaitable[msgspec.Struct]]) -> None:
-    """Run ``call`` and send its result as JSON, or the error body of what it raised."""
+async def _answer(
+    scope: Scope,
+    send: Send,
+    call: Callable[[], Awaitable[msgspec.Struct]],
+    settle: Callable[[], Awaitable[bool]] | None = None,
+) -> None:
+    """Run ``call`` and send its result as JSON, or the error body of what it raised; before an
+    error, ``settle`` may answer instead (it returns False once it has)."""
     headers: dict[str, str] | None = None
     try:
         status, body = 200, msgspec.json.encode(await call())
+    except AdmissionRefused:
+        raise  # the edge answers its own limits
     except OtpError as exc:
         status = status_of(exc)
         if status == 500:
@@ -151,6 +191,8 @@ async def _answer(scope: Scope, send: Send, call: Callable[[], Awaitable[msgspec
             body, headers = msgspec.json.encode(error), error_headers(error)
     except Exception as exc:  # the 500 of errors.internal_error
         status, body = _internal(scope, exc)
+    if status != 200 and settle is not None and not await settle():
+        return
     raw_headers = [_JSON, (b"content-length", b"%d" % len(body))]
     raw_headers += [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
     start: HTTPResponseStartEvent = {"type": "http.response.start", "status": status, "headers": raw_headers}

@@ -13,8 +13,8 @@ import ipaddress
 import re
 import secrets
 import time
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, cast
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import msgspec
 from litestar.types import ASGIApp, HTTPResponseStartEvent, HTTPScope, Message, Receive, Scope, Send
@@ -34,12 +34,23 @@ if TYPE_CHECKING:
 # Handlers append decisions (e.g. send-otp's per-number limit) here, in scope["state"].
 DECISIONS = "rate_decisions"
 CLIENT_IP = "client_ip"
+# Per-IP limits a fast-lane handler decides in its own step, with how to answer them.
+ADMISSION = "admission"
 # The name of the limit that refused the request, for the rate_limit_exceeded metric.
 RATE_LIMITED = "rate_limited"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _UNLIMITED_PREFIXES = ("/health",)
 # Path prefix -> the per-IP limit (RATE_LIMIT_<NAME>_*) applied on top of the global one.
 _PATH_LIMITS = (("/api/v1/auth/", "auth"), ("/api/v1/users/", "user"))
+
+
+class Admission(NamedTuple):
+    limits: list[Limit]
+    # Decide them apart, as the edge does (for a request refused before the handler's step);
+    # False once the refusal has been sent.
+    admit: Callable[[], Awaitable[bool]]
+    # Send the 429 of a refusal already decided (its decisions are in the state).
+    refuse: Callable[[], Awaitable[None]]
 
 
 class ClientIp:
@@ -137,34 +148,22 @@ class EdgeMiddleware:
             await send(message)
 
         try:
+            fast = None
+            if not has_origin and self.fast_lane is not None:
+                fast = self.fast_lane.route(cast("HTTPScope", scope))
             limits = self.limits_for(scope["path"], ip)
-            if limits:
-                try:
-                    decisions.extend(await self.limiter.hit(limits))
-                except ServiceUnavailable:
-                    await _reply(send_with_headers, 503, "service_unavailable", "rate limiter unavailable")
-                    return
-                except Exception as exc:  # a reply no one foresaw: still the JSON error body
-                    log_internal_error(cast("HTTPScope", scope)["method"], scope["path"], exc)
-                    await _reply(send_with_headers, 500, "internal_error", "internal server error")
-                    return
-                if not decisions[-1].allowed:
-                    full = _shown(decisions)
-                    state[RATE_LIMITED] = full.name
-                    if full.name == "auth":
-                        await self._publish_rate_limited(ip, full)
-                    await _reply(
-                        send_with_headers,
-                        429,
-                        "rate_limit_exceeded",
-                        f"too many requests. Limit: {full.limit} per {full.name} window. "
-                        f"Try again in {full.reset_after}s.",
-                    )
-                    return
+            if limits and fast is not None and self.fast_lane and self.fast_lane.admits(scope):
+                # The handler decides them in its own step (send-otp: one Redis script).
+                state[ADMISSION] = Admission(
+                    limits,
+                    admit=lambda: self._admit(scope, limits, send_with_headers),
+                    refuse=lambda: self._refuse(state, ip, send_with_headers),
+                )
+            elif limits and not await self._admit(scope, limits, send_with_headers):
+                return
             if has_origin:
                 await self.cors(scope, receive, send_with_headers)
             else:
-                fast = self.fast_lane.route(cast("HTTPScope", scope)) if self.fast_lane else None
                 await (fast or self.app)(scope, receive, send_with_headers)
         finally:
             request_id_var.reset(token)
@@ -177,6 +176,37 @@ class EdgeMiddleware:
                 elapsed,
                 state.get(RATE_LIMITED),
             )
+
+    async def _admit(self, scope: Scope, limits: list[Limit], send: Send) -> bool:
+        """Decide the per-IP limits; False once the refusal (429, 503, 500) has been sent."""
+        state = scope["state"]
+        try:
+            state[DECISIONS].extend(await self.limiter.hit(limits))
+        except ServiceUnavailable:
+            await _reply(send, 503, "service_unavailable", "rate limiter unavailable")
+            return False
+        except Exception as exc:  # a reply no one foresaw: still the JSON error body
+            log_internal_error(cast("HTTPScope", scope)["method"], scope["path"], exc)
+            await _reply(send, 500, "internal_error", "internal server error")
+            return False
+        if not state[DECISIONS][-1].allowed:
+            await self._refuse(state, state[CLIENT_IP], send)
+            return False
+        return True
+
+    async def _refuse(self, state: dict[str, Any], ip: str, send: Send) -> None:
+        """The 429 of a per-IP limit, described by the decisions made."""
+        full = _shown(state[DECISIONS])
+        state[RATE_LIMITED] = full.name
+        if full.name == "auth":
+            await self._publish_rate_limited(ip, full)
+        await _reply(
+            send,
+            429,
+            "rate_limit_exceeded",
+            f"too many requests. Limit: {full.limit} per {full.name} window. "
+            f"Try again in {full.reset_after}s.",
+        )
 
     async def _publish_rate_limited(self, ip: str, decision: RateDecision) -> None:
         event = Event(event_type=AUTH_RATE_LIMITED, data={"client_ip": ip, "limit": decision.name})

@@ -122,15 +122,15 @@ class Container(containers.DeclarativeContainer):
         memory=providers.Singleton(MemoryEventBus),
         redis=providers.Singleton(RedisEventBus, redis, stream=settings.provided.events_redis_channel),
     )
-    code_store = providers.Selector(
-        settings.provided.fast_store,
-        memory=providers.Singleton(MemoryCodeStore, clock=clock, events=event_bus),
-        redis=providers.Singleton(RedisCodeStore, redis, clock=clock, events=event_bus),
-    )
     rate_limiter = providers.Selector(
         settings.provided.fast_store,
         memory=providers.Singleton(MemoryRateLimiter, clock=clock),
         redis=providers.Singleton(RedisRateLimiter, redis, clock=clock),
+    )
+    code_store = providers.Selector(
+        settings.provided.fast_store,
+        memory=providers.Singleton(MemoryCodeStore, clock=clock, events=event_bus, limiter=rate_limiter),
+        redis=providers.Singleton(RedisCodeStore, redis, clock=clock, events=event_bus),
     )
     # Outbound event webhooks: a consumer of the stream, on a Redis client of its own (it blocks).
     event_forwarder = providers.Selector(

@@ -97,17 +97,23 @@ REDIS_PARAMS = ["memory", "redis", "redis-cluster"]
 
 
 @pytest.fixture(params=REDIS_PARAMS)
-def code_store(request, clock):
+def limiter_and_code_store(request, clock):
+    """A rate limiter and a code store deciding admission limits on the limiter's logs."""
     if request.param == "memory":
-        return MemoryCodeStore(clock=clock)
-    return RedisCodeStore(request.getfixturevalue(_redis_fixture(request.param)), clock=clock)
+        limiter = MemoryRateLimiter(clock=clock)
+        return limiter, MemoryCodeStore(clock=clock, limiter=limiter)
+    keyspace = request.getfixturevalue(_redis_fixture(request.param))
+    return RedisRateLimiter(keyspace, clock=clock), RedisCodeStore(keyspace, clock=clock)
 
 
-@pytest.fixture(params=REDIS_PARAMS)
-def rate_limiter(request, clock):
-    if request.param == "memory":
-        return MemoryRateLimiter(clock=clock)
-    return RedisRateLimiter(request.getfixturevalue(_redis_fixture(request.param)), clock=clock)
+@pytest.fixture
+def code_store(limiter_and_code_store):
+    return limiter_and_code_store[1]
+
+
+@pytest.fixture
+def rate_limiter(limiter_and_code_store):
+    return limiter_and_code_store[0]
 
 
 def _redis_fixture(param: str) -> str:

@@ -13,7 +13,10 @@ BUDGET = Limit(name="failures", subject=PHONE, requests=100, window=3600.0)
 
 
 async def _issue(store, digest=RIGHT, *, max_attempts=5, send_limit=None, ttl=TTL):
-    return await store.issue(PHONE, digest, ttl=ttl, max_attempts=max_attempts, send_limit=send_limit)
+    """The send-limit decision (None without a limit)."""
+    decisions = await store.issue(PHONE, digest, ttl=ttl, max_attempts=max_attempts, send_limit=send_limit)
+    assert len(decisions) == (1 if send_limit else 0)
+    return decisions[0] if send_limit else None
 
 
 async def _check(store, digest=RIGHT, budget=BUDGET):
@@ -129,3 +132,64 @@ async def test_failure_budget_locks_the_number_across_resends(code_store, clock)
 
 async def test_ping(code_store):
     await code_store.ping()
+
+
+# -- admission: the caller's own limits, decided with the send (one step where the store can) --
+
+IP = "203.0.113.7"
+
+
+def _admission(requests: int) -> list[Limit]:
+    return [
+        Limit(name="global", subject=IP, requests=100, window=60),
+        Limit(name="auth", subject=IP, requests=requests, window=60),
+    ]
+
+
+async def _send(store, phone: str, *, admission, send_limit=None):
+    return await store.issue(
+        phone, RIGHT, ttl=TTL, max_attempts=5, send_limit=send_limit, admission=admission
+    )
+
+
+async def test_admission_limits_are_the_limiters_own(limiter_and_code_store) -> None:
+    limiter, store = limiter_and_code_store
+    for i in range(2):
+        decisions = await _send(store, f"+1415555{i:04d}", admission=_admission(3))
+        assert [(d.name, d.allowed, d.remaining) for d in decisions] == [
+            ("global", True, 99 - i),
+            ("auth", True, 2 - i),
+        ]
+    # The limiter counts what the store recorded, and the store what the limiter did.
+    assert [d.remaining for d in await limiter.hit(_admission(3))] == [97, 0]
+    refused = await _send(store, "+14155550009", admission=_admission(3))
+    assert [(d.name, d.allowed, d.remaining) for d in refused] == [("global", False, 97), ("auth", False, 0)]
+    assert refused[1].reset_after > 0
+
+
+async def test_a_refused_admission_writes_and_records_nothing(code_store, clock) -> None:
+    limit = Limit(name="otp", subject=PHONE, requests=3, window=600)
+    await _send(code_store, "+14155550100", admission=_admission(1))
+    refused = await _send(code_store, PHONE, admission=_admission(1), send_limit=limit)
+    # Refused by admission: no send-limit decision at all.
+    assert [(d.name, d.allowed) for d in refused] == [("global", False), ("auth", False)]
+    assert (await code_store.check(PHONE, RIGHT, failure_budget=BUDGET)).outcome is CodeOutcome.MISSING
+    clock.advance(61)
+    decisions = await _send(code_store, PHONE, admission=_admission(1), send_limit=limit)
+    assert decisions[-1].name == "otp" and decisions[-1].remaining == 2  # nothing was counted
+
+
+async def test_a_send_refused_by_its_number_still_counts_for_the_client(limiter_and_code_store) -> None:
+    limiter, store = limiter_and_code_store
+    limit = Limit(name="otp", subject=PHONE, requests=1, window=600)
+    assert all(d.allowed for d in await _send(store, PHONE, admission=_admission(5), send_limit=limit))
+    decisions = await _send(store, PHONE, admission=_admission(5), send_limit=limit)
+    assert [(d.name, d.allowed) for d in decisions] == [("global", True), ("auth", True), ("otp", False)]
+    assert [d.remaining for d in await limiter.hit(_admission(5))] == [97, 2]
+
+
+async def test_concurrent_admissions_allow_exactly_the_limit(code_store) -> None:
+    results = await asyncio.gather(
+        *(_send(code_store, f"+1415556{i:04d}", admission=_admission(5)) for i in range(20))
+    )
+    assert sum(all(d.allowed for d in decisions) for decisions in results) == 5

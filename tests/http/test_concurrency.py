@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-from otpcore.domain.ports import CodeCheck, CodeOutcome
+from otpcore.domain.ports import CodeCheck, CodeOutcome, RateDecision
 from tests.http.conftest import assert_error, new_phone
 
 
@@ -49,8 +49,10 @@ async def test_parallel_verifications_of_one_code_succeed_once(api):
 class AcceptingCodes:
     """A code store that accepts every code, so many first logins can race."""
 
-    async def issue(self, *a, **k):
-        return None
+    async def issue(self, *a, send_limit=None, admission=(), **k):
+        limits = [*admission, *([send_limit] if send_limit else [])]
+        return [RateDecision(allowed=True, limit=x.requests, remaining=x.requests, reset_after=0, name=x.name)
+                for x in limits]  # fmt: skip
 
     async def check(self, *a, **k):
         await asyncio.sleep(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from litestar import Controller, Request, post
@@ -22,18 +23,24 @@ from otp_http.schemas import (
 )
 from otpcore import Core
 from otpcore.domain.errors import RateLimitExceeded
+from otpcore.domain.ports import Limit, RateDecision
 
 
-async def send_otp(core: Core, state: dict[str, Any], data: SendOtpRequest) -> SendOtpResponse:
-    """Send a code; the per-number decision joins the per-IP ones in the rate-limit headers."""
+async def send_otp(
+    core: Core, state: dict[str, Any], data: SendOtpRequest, admission: Sequence[Limit] = ()
+) -> SendOtpResponse:
+    """Send a code; every limit decided joins the per-IP ones in the rate-limit headers.
+
+    ``admission``: per-IP limits the edge left to the send's own step (the fast lane's).
+    """
+    decisions: list[RateDecision] = state[DECISIONS]
     try:
-        sent = await core.auth.send_code(data.phone_number)
+        sent = await core.auth.send_code(data.phone_number, admission=admission, decided=decisions)
     except RateLimitExceeded as exc:
-        state[DECISIONS].append(exc.decision)
+        if exc.decision not in decisions:  # the per-country budget's
+            decisions.append(exc.decision)
         state[RATE_LIMITED] = exc.decision.name
         raise
-    if sent.decision is not None:
-        state[DECISIONS].append(sent.decision)
     return SendOtpResponse(
         message="OTP sent successfully",
         phone_number=sent.phone_number,

@@ -97,9 +97,17 @@ class _Code(msgspec.Struct):
 class MemoryCodeStore:
     SWEEP_AT = 10_000
 
-    def __init__(self, clock: Clock = time.time, *, events: MemoryEventBus | None = None) -> None:
+    def __init__(
+        self,
+        clock: Clock = time.time,
+        *,
+        events: MemoryEventBus | None = None,
+        limiter: MemoryRateLimiter | None = None,
+    ) -> None:
         self.clock = clock
         self.events = events
+        # Admission limits are the limiter's: decided on its log, they count as its hits do.
+        self.limiter = limiter
         self.log = SlidingLog(clock)
         self._codes: dict[str, _Code] = {}
         self._sweep_at = self.SWEEP_AT
@@ -113,10 +121,18 @@ class MemoryCodeStore:
         max_attempts: int,
         send_limit: Limit | None,
         event: Event | None = None,
-    ) -> RateDecision | None:
+        admission: Sequence[Limit] = (),
+    ) -> list[RateDecision]:
         if event is not None and self.events is None:
             raise ValueError("this code store has no event bus to publish the send's event to")
+        if admission and self.limiter is None:
+            raise ValueError("this code store has no rate limiter to admit with")
+        decisions = self.limiter.log.decide(admission) if self.limiter and admission else []
+        if decisions and not decisions[0].allowed:
+            return decisions
         decision = self.log.decide([send_limit])[0] if send_limit else None
+        if decision is not None:
+            decisions.append(decision)
         if decision is None or decision.allowed:
             now = self.clock()
             if len(self._codes) >= self._sweep_at:
@@ -125,7 +141,7 @@ class MemoryCodeStore:
             self._codes[phone] = _Code(digest, now + ttl, max_attempts)
             if event is not None and self.events is not None:
                 self.events.events.append(event)
-        return decision
+        return decisions
 
     async def check(self, phone: str, digest: bytes, *, failure_budget: Limit) -> CodeCheck:
         budget = self.log.decide([failure_budget], record=False)[0]

@@ -221,6 +221,12 @@ class RedisKeyspace:
         await self.client.aclose()
 
 
+# Every script that writes starts with this line (Redis 7 script flags, none given): Redis then
+# refuses the whole script up front when it is over maxmemory, instead of refusing its first
+# memory-growing command only if nothing was written before it (a ZREMRANGEBYSCORE counts), so a
+# full Redis fails every decision closed, and never half of one.
+_WRITES = "#!lua\n"
+
 # Sliding logs shared by the scripts: a sorted set per (limit, subject) holding the times, in
 # milliseconds of the caller's clock, of accepted requests; members are unique per request.
 # An entry is live while its time is after now - window (as SlidingLog in adapters.memory).
@@ -243,7 +249,8 @@ end
 # KEYS: one sorted set per limit. ARGV: now, member, then requests and window of each limit.
 # Returns {allowed, remaining_1, reset_after_1, remaining_2, ...}: all limits or none.
 _HIT = (
-    _SLIDING_LOG
+    _WRITES
+    + _SLIDING_LOG
     + """
 local now = tonumber(ARGV[1])
 local function limit(i) return tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i]) end
@@ -267,31 +274,55 @@ return reply
 """
 )
 
-# KEYS: the code hash, then the send-limit sorted set if there is a send limit.
-# ARGV: now, digest, expires_at, ttl, max_attempts, then member, requests, window of the limit.
-# Returns {allowed, remaining, reset_after}; a refused send leaves the previous code alone.
 # KEYS: the code hash, the send-limit sorted set (the code key again when there is no limit),
-# and the event stream when the event goes in the same step. ARGV: now, digest, expires_at, ttl,
-# max_attempts, member, requests (0: no limit), window, then the event and the stream's max length.
-# Returns {allowed, remaining, reset_after}.
+# the event stream (the code key again when the event is not in this step), then one sorted set
+# per admission limit (RedisRateLimiter's keys). ARGV: now, digest, expires_at, ttl,
+# max_attempts, member, requests (0: no limit), window, the event ("": none), the stream's max
+# length, then requests and window of each admission limit.
+# Returns {status, then remaining and reset_after of each admission limit, then of the send
+# limit}: status 1 sent, 0 an admission limit refused (nothing recorded), 2 the send limit
+# refused (the admission counted, as the limiter would have; the previous code kept).
 _ISSUE = (
-    _SLIDING_LOG
+    _WRITES
+    + _SLIDING_LOG
     + """
 local now = tonumber(ARGV[1])
-local reply = {1, 0, 0}
+local admitted = #KEYS - 3
+local function admission(i) return KEYS[3 + i], tonumber(ARGV[9 + 2 * i]), tonumber(ARGV[10 + 2 * i]) end
+local counts, status = {}, 1
+for i = 1, admitted do
+  local key, requests, window = admission(i)
+  counts[i] = live(key, now, window)
+  if counts[i] >= requests then status = 0 end
+end
+local reply = {status}
+for i = 1, admitted do
+  local key, requests, window = admission(i)
+  if status == 1 then
+    record(key, now, window, ARGV[6] .. ':' .. i)
+    counts[i] = counts[i] + 1
+  end
+  reply[2 * i] = math.max(0, requests - counts[i])
+  reply[1 + 2 * i] = reset_after(key, counts[i], now, window)
+end
+if status == 0 then return reply end
 local requests = tonumber(ARGV[7])
 if requests > 0 then
   local window = tonumber(ARGV[8])
   local count = live(KEYS[2], now, window)
   if count >= requests then
-    return {0, math.max(0, requests - count), reset_after(KEYS[2], count, now, window)}
+    reply[1] = 2
+    table.insert(reply, math.max(0, requests - count))
+    table.insert(reply, reset_after(KEYS[2], count, now, window))
+    return reply
   end
   record(KEYS[2], now, window, ARGV[6])
-  reply = {1, requests - count - 1, reset_after(KEYS[2], count + 1, now, window)}
+  table.insert(reply, requests - count - 1)
+  table.insert(reply, reset_after(KEYS[2], count + 1, now, window))
 end
 redis.call('HSET', KEYS[1], 'digest', ARGV[2], 'expires_at', ARGV[3], 'attempts', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-if KEYS[3] then
+if ARGV[9] ~= '' then
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[10], '*', 'event', ARGV[9])
 end
 return reply
@@ -301,7 +332,8 @@ return reply
 # KEYS: the code hash, the failure-budget sorted set. ARGV: now, digest, requests, window, member.
 # Returns {outcome, attempts_remaining, retry_after}; outcome indexes _OUTCOMES.
 _CHECK = (
-    _SLIDING_LOG
+    _WRITES
+    + _SLIDING_LOG
     + """
 local ACCEPTED, WRONG, BURNED, LOCKED, MISSING = 0, 1, 2, 3, 4
 local now, requests, window = tonumber(ARGV[1]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -392,6 +424,7 @@ class RedisCodeStore:
         self.events = events
         self._issue = keyspace.script(_ISSUE)
         self._check = keyspace.script(_CHECK)
+        self._limiter = RedisRateLimiter(keyspace, clock)
 
     def _limit_key(self, phone: str, limit: Limit) -> str:
         # Keyed by the phone, not limit.subject (which is the phone, from CodePolicy), so that
@@ -407,34 +440,51 @@ class RedisCodeStore:
         max_attempts: int,
         send_limit: Limit | None,
         event: Event | None = None,
-    ) -> RateDecision | None:
+        admission: Sequence[Limit] = (),
+    ) -> list[RateDecision]:
         if event is not None and self.events is None:
             raise ValueError("this code store has no event bus to publish the send's event to")
+        admitted: list[RateDecision] = []
+        if admission and self.keyspace.is_cluster:
+            # The client's keys live on other slots than the number's: decided first, apart.
+            admitted = await self._limiter.hit(admission)
+            if not admitted[0].allowed:
+                return admitted
+            admission = ()
         now = _ms(self.clock())
         code_key = self.keyspace.key(phone, "code")
-        keys = [code_key, self._limit_key(phone, send_limit) if send_limit else code_key]
-        args: list[Any] = [now, digest, now + _ms(ttl), max(1, math.ceil(ttl * 1000)), max_attempts]
-        args += (
-            [self.keyspace.unique(), send_limit.requests, _ms(send_limit.window)]
-            if send_limit
-            else ["", 0, 0]
-        )
         in_script = self.events is not None and event is not None and not self.keyspace.is_cluster
+        keys = [
+            code_key,
+            self._limit_key(phone, send_limit) if send_limit else code_key,
+            self.events.stream if self.events is not None and in_script else code_key,
+            *(self.keyspace.key(limit.subject, f"rate:{limit.name}") for limit in admission),
+        ]
+        args: list[Any] = [now, digest, now + _ms(ttl), max(1, math.ceil(ttl * 1000)), max_attempts]
+        args.append(self.keyspace.unique())
+        args += [send_limit.requests, _ms(send_limit.window)] if send_limit else [0, 0]
         if self.events is not None and event is not None and in_script:
-            keys.append(self.events.stream)
             args += [msgspec.json.encode(event), self.events.max_len]
-        allowed, remaining, reset_after = await self.keyspace.run(self._issue, keys, args)
-        if allowed and self.events is not None and event is not None and not in_script:
+        else:
+            args += ["", 0]
+        for limit in admission:
+            args += [limit.requests, _ms(limit.window)]
+        reply = await self.keyspace.run(self._issue, keys, args)
+        status = int(reply[0])
+        limits = [*admission, *([send_limit] if send_limit and status != 0 else [])]
+        decisions = admitted + [
+            RateDecision(
+                allowed=status == 1 or (status == 2 and i < len(admission)),
+                limit=limit.requests,
+                remaining=int(reply[1 + 2 * i]),
+                reset_after=int(reply[2 + 2 * i]),
+                name=limit.name,
+            )
+            for i, limit in enumerate(limits)
+        ]
+        if status == 1 and self.events is not None and event is not None and not in_script:
             await self.events.publish(event)
-        if send_limit is None:
-            return None
-        return RateDecision(
-            allowed=bool(allowed),
-            limit=send_limit.requests,
-            remaining=int(remaining),
-            reset_after=int(reset_after),
-            name=send_limit.name,
-        )
+        return decisions
 
     async def check(self, phone: str, digest: bytes, *, failure_budget: Limit) -> CodeCheck:
         keys = [self.keyspace.key(phone, "code"), self._limit_key(phone, failure_budget)]
@@ -455,12 +505,15 @@ class RedisCodeStore:
 
 
 # KEYS: the stream. ARGV: its approximate max length, then one encoded event per entry.
-_APPEND = """
+_APPEND = (
+    _WRITES
+    + """
 for i = 2, #ARGV do
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'event', ARGV[i])
 end
 return #ARGV - 1
 """
+)
 
 
 class RedisEventBus:

@@ -53,6 +53,11 @@ class RateLimitExceeded(OtpError):
         super().__init__(message)
 
 
+class AdmissionRefused(RateLimitExceeded):
+    """One of the caller's own limits (AuthService.send_code's ``admission``) refused: the caller
+    answers it as it answers its own refusals."""
+
+
 class AuthorizationRequired(OtpError):
     code = "authorization_required"
     default_message = "please provide a valid authorization header"

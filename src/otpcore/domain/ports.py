@@ -78,12 +78,16 @@ class CodeStore(Protocol):
         max_attempts: int,
         send_limit: Limit | None,
         event: Event | None = None,
-    ) -> RateDecision | None:
+        admission: Sequence[Limit] = (),
+    ) -> list[RateDecision]:
         """Replace the number's code with ``digest`` if ``send_limit`` has room, atomically.
 
-        Returns the send-limit decision (None when no limit applies); when it is not allowed
-        the previous code stays as it was. When it is, ``event`` is published with the code
-        (by a store wired to an event bus; in the same step where the store can).
+        ``admission`` are the caller's own limits (the RateLimiter's, on the same logs), decided
+        first as ``RateLimiter.hit`` decides them, in the same step where the store can: if one
+        refuses, nothing is recorded or written. Returns their decisions, then the send-limit
+        decision if they allowed and a limit applies. When that is not allowed the previous code
+        stays as it was; when it is, ``event`` is published with the code (by a store wired to an
+        event bus; in the same step where the store can).
         """
         ...
 

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 import msgspec
@@ -17,6 +17,7 @@ import msgspec
 from otpcore.domain import events as ev
 from otpcore.domain.codes import CodePolicy
 from otpcore.domain.errors import (
+    AdmissionRefused,
     Forbidden,
     InvalidOtp,
     InvalidToken,
@@ -111,7 +112,21 @@ class AuthService:
         self.country_hourly_limit = country_hourly_limit
         self._deliveries: set[asyncio.Task[None]] = set()
 
-    async def send_code(self, phone_number: str) -> SendResult:
+    async def send_code(
+        self,
+        phone_number: str,
+        *,
+        admission: Sequence[Limit] = (),
+        decided: list[RateDecision] | None = None,
+    ) -> SendResult:
+        """Send a code to ``phone_number``.
+
+        ``admission``: the caller's own limits (per client IP, say), decided with the send limit
+        in one step where the code store can (one Redis script), as ``RateLimiter.hit`` decides
+        them; if one refuses, AdmissionRefused. A number refused before that step leaves them
+        undecided, for the caller to decide. Every decision made is appended to ``decided``.
+        """
+        decided = [] if decided is None else decided
         test_codes = self.policy.active_test_codes(self.clock())
         phone, country = self.phones.parse(phone_number, test_numbers=test_codes)
         test_code = test_codes.get(phone)
@@ -129,14 +144,21 @@ class AuthService:
             },
         )
         # The store writes the event with the code: one round trip where it can.
-        decision = await self.codes.issue(
+        send_limit = None if test_code else self.policy.send_limit(phone)
+        decisions = await self.codes.issue(
             phone,
             self.policy.digest(phone, code),
             ttl=self.policy.ttl,
             max_attempts=self.policy.max_attempts,
-            send_limit=None if test_code else self.policy.send_limit(phone),
+            send_limit=send_limit,
             event=generated,
+            admission=admission,
         )
+        decided.extend(decisions)
+        admitted = decisions[: len(admission)]
+        if admitted and not admitted[0].allowed:
+            raise AdmissionRefused(admitted[0])
+        decision = decisions[len(admission)] if send_limit else None
         if decision is not None and not decision.allowed:
             await self._publish(ev.AUTH_RATE_LIMITED, phone_number=phone, limit="otp")
             raise RateLimitExceeded(
