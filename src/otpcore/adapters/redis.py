@@ -244,6 +244,30 @@ local function record(key, now, window, member)
   redis.call('ZADD', key, now, member)
   redis.call('PEXPIRE', key, window)
 end
+-- Limits KEYS[first + 1 .. first + count], requests and window of the i-th at ARGV[base + 2i]
+-- and ARGV[base + 2i + 1]: all of them or none. Records member:i in each if all allow; sets
+-- reply[2i] and reply[2i + 1] to its remaining and reset_after; returns 1 if all allowed.
+local function decide(first, count, base, now, member, reply)
+  local function limit(i)
+    return KEYS[first + i], tonumber(ARGV[base + 2 * i]), tonumber(ARGV[base + 2 * i + 1])
+  end
+  local counts, allowed = {}, 1
+  for i = 1, count do
+    local key, requests, window = limit(i)
+    counts[i] = live(key, now, window)
+    if counts[i] >= requests then allowed = 0 end
+  end
+  for i = 1, count do
+    local key, requests, window = limit(i)
+    if allowed == 1 then
+      record(key, now, window, member .. ':' .. i)
+      counts[i] = counts[i] + 1
+    end
+    reply[2 * i] = math.max(0, requests - counts[i])
+    reply[1 + 2 * i] = reset_after(key, counts[i], now, window)
+  end
+  return allowed
+end
 """
 
 # KEYS: one sorted set per limit. ARGV: now, member, then requests and window of each limit.
@@ -252,24 +276,8 @@ _HIT = (
     _WRITES
     + _SLIDING_LOG
     + """
-local now = tonumber(ARGV[1])
-local function limit(i) return tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i]) end
-local counts, allowed = {}, 1
-for i, key in ipairs(KEYS) do
-  local requests, window = limit(i)
-  counts[i] = live(key, now, window)
-  if counts[i] >= requests then allowed = 0 end
-end
-local reply = {allowed}
-for i, key in ipairs(KEYS) do
-  local requests, window = limit(i)
-  if allowed == 1 then
-    record(key, now, window, ARGV[2] .. ':' .. i)
-    counts[i] = counts[i] + 1
-  end
-  reply[2 * i] = math.max(0, requests - counts[i])
-  reply[1 + 2 * i] = reset_after(key, counts[i], now, window)
-end
+local reply = {}
+reply[1] = decide(0, #KEYS, 1, tonumber(ARGV[1]), ARGV[2], reply)
 return reply
 """
 )
@@ -287,24 +295,9 @@ _ISSUE = (
     + _SLIDING_LOG
     + """
 local now = tonumber(ARGV[1])
-local admitted = #KEYS - 3
-local function admission(i) return KEYS[3 + i], tonumber(ARGV[9 + 2 * i]), tonumber(ARGV[10 + 2 * i]) end
-local counts, status = {}, 1
-for i = 1, admitted do
-  local key, requests, window = admission(i)
-  counts[i] = live(key, now, window)
-  if counts[i] >= requests then status = 0 end
-end
-local reply = {status}
-for i = 1, admitted do
-  local key, requests, window = admission(i)
-  if status == 1 then
-    record(key, now, window, ARGV[6] .. ':' .. i)
-    counts[i] = counts[i] + 1
-  end
-  reply[2 * i] = math.max(0, requests - counts[i])
-  reply[1 + 2 * i] = reset_after(key, counts[i], now, window)
-end
+local reply = {}
+local status = decide(3, #KEYS - 3, 9, now, ARGV[6], reply)
+reply[1] = status
 if status == 0 then return reply end
 local requests = tonumber(ARGV[7])
 if requests > 0 then
