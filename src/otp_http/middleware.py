@@ -157,7 +157,7 @@ class EdgeMiddleware:
                 state[ADMISSION] = Admission(
                     limits,
                     admit=lambda: self._admit(scope, limits, send_with_headers),
-                    refuse=lambda: self._refuse(state, ip, send_with_headers),
+                    refuse=lambda: self._refuse(state, send_with_headers),
                 )
             elif limits and not await self._admit(scope, limits, send_with_headers):
                 return
@@ -190,16 +190,16 @@ class EdgeMiddleware:
             await _reply(send, 500, "internal_error", "internal server error")
             return False
         if not state[DECISIONS][-1].allowed:
-            await self._refuse(state, state[CLIENT_IP], send)
+            await self._refuse(state, send)
             return False
         return True
 
-    async def _refuse(self, state: dict[str, Any], ip: str, send: Send) -> None:
+    async def _refuse(self, state: dict[str, Any], send: Send) -> None:
         """The 429 of a per-IP limit, described by the decisions made."""
         full = _shown(state[DECISIONS])
         state[RATE_LIMITED] = full.name
         if full.name == "auth":
-            await self._publish_rate_limited(ip, full)
+            await self._publish_rate_limited(state[CLIENT_IP], full)
         await _reply(
             send,
             429,

@@ -379,11 +379,15 @@ class RedisRateLimiter:
         self.clock = clock
         self._hit = keyspace.script(_HIT)
 
+    def key(self, limit: Limit) -> str:
+        """The sorted set of ``limit`` (the code store decides admission limits on it too)."""
+        return self.keyspace.key(limit.subject, f"rate:{limit.name}")
+
     async def hit(self, limits: Sequence[Limit]) -> list[RateDecision]:
         if not limits:
             return []
         # The limits of one call share a subject (the port says so), hence one cluster slot.
-        keys = [self.keyspace.key(limit.subject, f"rate:{limit.name}") for limit in limits]
+        keys = [self.key(limit) for limit in limits]
         args: list[Any] = [_ms(self.clock()), self.keyspace.unique()]
         for limit in limits:
             args += [limit.requests, _ms(limit.window)]
@@ -446,20 +450,18 @@ class RedisCodeStore:
             admission = ()
         now = _ms(self.clock())
         code_key = self.keyspace.key(phone, "code")
-        in_script = self.events is not None and event is not None and not self.keyspace.is_cluster
+        # The event goes in the script, except on a cluster (the stream lives on another slot).
+        bus = self.events if event is not None and not self.keyspace.is_cluster else None
         keys = [
             code_key,
             self._limit_key(phone, send_limit) if send_limit else code_key,
-            self.events.stream if self.events is not None and in_script else code_key,
-            *(self.keyspace.key(limit.subject, f"rate:{limit.name}") for limit in admission),
+            bus.stream if bus is not None else code_key,
+            *(self._limiter.key(limit) for limit in admission),
         ]
         args: list[Any] = [now, digest, now + _ms(ttl), max(1, math.ceil(ttl * 1000)), max_attempts]
         args.append(self.keyspace.unique())
         args += [send_limit.requests, _ms(send_limit.window)] if send_limit else [0, 0]
-        if self.events is not None and event is not None and in_script:
-            args += [msgspec.json.encode(event), self.events.max_len]
-        else:
-            args += ["", 0]
+        args += [msgspec.json.encode(event), bus.max_len] if bus is not None else ["", 0]
         for limit in admission:
             args += [limit.requests, _ms(limit.window)]
         reply = await self.keyspace.run(self._issue, keys, args)
@@ -475,7 +477,7 @@ class RedisCodeStore:
             )
             for i, limit in enumerate(limits)
         ]
-        if status == 1 and self.events is not None and event is not None and not in_script:
+        if status == 1 and self.events is not None and event is not None and bus is None:
             await self.events.publish(event)
         return decisions
 
