@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import random
 import re
 import secrets
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -33,6 +35,7 @@ import tempfile
 import time
 import urllib.parse
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -67,7 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of the profile mix")
     p.add_argument("--verify-codes", type=int, default=30_000, help="most verify-otp requests per run")
     p.add_argument("--search-samples", type=int, default=100, help="timed searches per kind")
-    p.add_argument("--py-spy", action="store_true", help="profile a worker during send-otp load")
+    p.add_argument(
+        "--py-spy",
+        nargs="?",
+        const="send-otp",
+        choices=["send-otp", "verify-otp"],
+        help="profile a worker during an extra run of this workload (default send-otp)",
+    )
     p.add_argument("--no-granian", action="store_true", help="skip the ceiling under granian")
     p.add_argument(
         "--pg-url",
@@ -409,15 +418,17 @@ class Bench:
 
             runs["send-otp"] = self.wrk(server.url, "send_otp", ["628", str(args.threads)])
             log(f"send-otp: {runs['send-otp'].rps} req/s")
-            spy = self.start_py_spy(server) if args.py_spy else None
-            if spy is not None:
-                # An extra run: the sampler takes CPU, so the profiled run is not the measured one.
-                self.wrk(server.url, "send_otp", ["415", str(args.threads)])
-                self.results["py_spy"] = self.finish_py_spy(*spy)
+            # The profiled runs are extra ones: the sampler takes CPU, so they are not measured.
+            if args.py_spy == "send-otp":
+                with self.py_spy(server):
+                    self.wrk(server.url, "send_otp", ["415", str(args.threads)])
             measure_ceiling()
 
             runs["verify-otp"] = self.verify_run(server, send_rps=runs["send-otp"].rps)
             log(f"verify-otp: {runs['verify-otp'].rps} req/s")
+            if args.py_spy == "verify-otp":
+                with self.py_spy(server):
+                    self.verify_run(server, send_rps=runs["send-otp"].rps)
             measure_ceiling()
 
             tokens = asyncio.run(self.obtain_tokens(server.url, self.plan.profile_numbers))
@@ -561,23 +572,28 @@ class Bench:
 
     # -- py-spy ---------------------------------------------------------------------------------
 
-    def start_py_spy(self, server: procs.Server) -> tuple[subprocess.Popen[bytes], Path] | None:
+    @contextlib.contextmanager
+    def py_spy(self, server: procs.Server) -> Iterator[None]:
+        """Samples one worker while the block runs the load; the summary goes to the results."""
         py_spy = shutil.which("py-spy", path=str(VENV_BIN)) or shutil.which("py-spy")
         if py_spy is None:
             log("py-spy not found (.venv/bin/pip install py-spy); not profiling")
-            return None
+            yield
+            return
         out = self.work / "py-spy.txt"
-        seconds = max(1, int(self.args.duration) - 1)
-        argv = [py_spy, "record", "--nonblocking", "--format", "raw", "-d", str(seconds), "-r", "200"]
-        argv += ["-o", str(out), "--pid", str(server.workers()[0])]
-        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), out
-
-    def finish_py_spy(self, spy: subprocess.Popen[bytes], out: Path) -> dict[str, Any]:
-        spy.wait(timeout=60)
+        argv = [py_spy, "record", "--nonblocking", "--format", "raw", "-r", "200", "-o", str(out)]
+        argv += ["--pid", str(server.workers()[0])]
+        spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            yield
+        finally:
+            spy.send_signal(signal.SIGINT)  # py-spy writes what it has sampled and exits
+            spy.wait(timeout=60)
         if not out.exists():
-            return {"error": "py-spy wrote nothing (ptrace not permitted?)"}
-        shutil.copy(out, RESULTS / "py-spy-send-otp.txt")
-        return summarize_py_spy(out.read_text())
+            self.results["py_spy"] = {"error": "py-spy wrote nothing (ptrace not permitted?)"}
+            return
+        shutil.copy(out, RESULTS / f"py-spy-{self.args.py_spy}.txt")
+        self.results["py_spy"] = {"workload": self.args.py_spy, **summarize_py_spy(out.read_text())}
 
     # -- granian ---------------------------------------------------------------------------------
 

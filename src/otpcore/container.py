@@ -23,7 +23,7 @@ from otpcore.adapters.memory import (
     MemorySessionStore,
     MemoryUserRepo,
 )
-from otpcore.adapters.postgres import PostgresDatabase, PostgresSessionStore, PostgresUserRepo
+from otpcore.adapters.postgres import PostgresDatabase, PostgresSessionStore, PostgresSignIn, PostgresUserRepo
 from otpcore.adapters.redis import RedisCodeStore, RedisEventBus, RedisKeyspace, RedisRateLimiter
 from otpcore.adapters.senders import ConsoleCodeSender
 from otpcore.adapters.session_cache import CachedSessionStore
@@ -31,7 +31,7 @@ from otpcore.adapters.sqlite import SqliteDatabase, SqliteSessionStore, SqliteUs
 from otpcore.adapters.webhooks import WebhookCodeSender, WebhookPoster, WebhookSigner
 from otpcore.domain.codes import CodePolicy
 from otpcore.domain.model import PhonePolicy
-from otpcore.domain.services import AuthService, UserService
+from otpcore.domain.services import AuthService, StepwiseSignIn, UserService
 from otpcore.domain.tokens import CLOCK_SKEW_LEEWAY, TokenKeys, TokenService
 from otpcore.settings import Settings
 from otpcore.telemetry import Telemetry
@@ -99,6 +99,7 @@ class Container(containers.DeclarativeContainer):
     )
     # A revocation marker outlives every access token of the session it names.
     revoked_ttl = providers.Callable(lambda s: s.jwt_expiry + CLOCK_SKEW_LEEWAY + 60, settings)
+    postgres_sessions = providers.Singleton(PostgresSessionStore, postgres)
     session_store = providers.Selector(
         settings.provided.storage,
         memory=providers.Singleton(MemorySessionStore),
@@ -111,7 +112,7 @@ class Container(containers.DeclarativeContainer):
         ),
         postgres=providers.Singleton(
             CachedSessionStore,
-            providers.Singleton(PostgresSessionStore, postgres),
+            postgres_sessions,
             keyspace=cache_keyspace,
             invalidations=invalidations,
             revoked_ttl=revoked_ttl,
@@ -207,6 +208,7 @@ class Container(containers.DeclarativeContainer):
         clock=clock,
     )
     # Database-backed users are cached: L1 in each process, plus L2 and invalidations in Redis.
+    postgres_users = providers.Singleton(PostgresUserRepo, postgres, clock=clock)
     user_repo = providers.Selector(
         settings.provided.storage,
         memory=providers.Singleton(MemoryUserRepo, clock=clock),
@@ -219,14 +221,23 @@ class Container(containers.DeclarativeContainer):
         ),
         postgres=providers.Singleton(
             CachedUserRepo,
-            providers.Singleton(PostgresUserRepo, postgres, clock=clock),
+            postgres_users,
             keyspace=cache_keyspace,
             invalidations=invalidations,
             counters=telemetry,
         ),
     )
+    # Postgres signs in with one statement; the other stores take the two steps.
+    stepwise_sign_in = providers.Singleton(StepwiseSignIn, users=user_repo, sessions=session_store)
+    sign_in = providers.Selector(
+        settings.provided.storage,
+        memory=stepwise_sign_in,
+        sqlite=stepwise_sign_in,
+        postgres=providers.Singleton(PostgresSignIn, postgres_users, postgres_sessions),
+    )
     auth = providers.Singleton(
         AuthService,
+        sign_ins=sign_in,
         counters=telemetry,
         limiter=rate_limiter,
         country_hourly_limit=settings.provided.otp_country_hourly_limit,

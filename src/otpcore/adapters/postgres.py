@@ -31,7 +31,8 @@ from psycopg_pool import AsyncConnectionPool
 from otpcore.adapters.migrations import migration_files
 from otpcore.domain.errors import ServiceUnavailable
 from otpcore.domain.model import Role, User
-from otpcore.domain.ports import Rotation, RotationOutcome, Session
+from otpcore.domain.ports import NewSession, Rotation, RotationOutcome, Session, SignIn
+from otpcore.domain.services import StepwiseSignIn
 
 Clock = Callable[[], float]
 Connection = AsyncConnection[DictRow]
@@ -418,7 +419,6 @@ class PostgresSessionStore:
         now: datetime,
         expires_at: datetime,
     ) -> Session:
-        self._creates += 1
         params = {
             "id": session_id,
             "user_id": user_id,
@@ -427,12 +427,17 @@ class PostgresSessionStore:
             "expires_at": expires_at,
         }
         async with self.db.connection() as conn:
-            if self._creates % self.SWEEP_EVERY == 0:
-                cutoff = datetime.fromtimestamp(now.timestamp() - self.SWEEP_GRACE, UTC)
-                await conn.execute("DELETE FROM sessions WHERE expires_at < %s", (cutoff,))
+            await self.sweep_when_due(conn, now)
             row = await (await conn.execute(_CREATE_SESSION, params)).fetchone()
         assert row is not None
         return _session(row)
+
+    async def sweep_when_due(self, conn: Connection, now: datetime) -> None:
+        """Called with every session opened: once in ``SWEEP_EVERY``, deletes the long expired."""
+        self._creates += 1
+        if self._creates % self.SWEEP_EVERY == 0:
+            cutoff = datetime.fromtimestamp(now.timestamp() - self.SWEEP_GRACE, UTC)
+            await conn.execute("DELETE FROM sessions WHERE expires_at < %s", (cutoff,))
 
     async def rotate(
         self, token_hash: bytes, new_hash: bytes, *, now: datetime, expires_at: datetime
@@ -483,6 +488,72 @@ class PostgresSessionStore:
 
     async def ping(self) -> None:
         await self.db.ping()
+
+
+# The user of a number (created if absent, as _GET_OR_CREATE) and, if active, a new session with
+# its first token: a sign-in in one statement. The parent rows are inserted before their
+# children's foreign keys are checked (at the end of the statement). No row back: a concurrent
+# first login won the insert, and the caller takes the two-step path.
+_SIGN_IN = f"""
+WITH found AS (
+    SELECT {_USER_COLUMNS} FROM users WHERE phone_number = %(phone)s
+), created AS (
+    INSERT INTO users (phone_number, name, name_folded, role, created_at, updated_at)
+    SELECT %(phone)s, %(name)s, %(name_folded)s, %(role)s, %(now)s, %(now)s
+    WHERE NOT EXISTS (SELECT FROM found)
+    ON CONFLICT (phone_number) DO NOTHING
+    RETURNING {_USER_COLUMNS}
+), signed AS (
+    SELECT *, false AS created FROM found
+    UNION ALL
+    SELECT *, true AS created FROM created
+), session AS (
+    INSERT INTO sessions (id, user_id, created_at, expires_at)
+    SELECT %(session_id)s, id, %(session_created_at)s, %(expires_at)s FROM signed WHERE is_active
+    RETURNING id
+), token AS (
+    INSERT INTO refresh_tokens (token_hash, session_id, current)
+    SELECT %(token_hash)s, id, true FROM session
+)
+SELECT signed.*, session.id IS NOT NULL AS opened FROM signed LEFT JOIN session ON true
+"""  # noqa: S608 - only constants are interpolated
+
+
+class PostgresSignIn:
+    """``SignInStore``: the user and the session in one statement, one round trip."""
+
+    def __init__(self, users: PostgresUserRepo, sessions: PostgresSessionStore) -> None:
+        self.users = users
+        self.sessions = sessions
+
+    async def sign_in(self, phone: str, *, name: str, role: Role, session: NewSession) -> SignIn:
+        params = {
+            "phone": phone,
+            "name": name,
+            "name_folded": name.casefold(),
+            "role": role.value,
+            "now": datetime.fromtimestamp(self.users.clock(), UTC),
+            "session_id": session.id,
+            "session_created_at": session.created_at,
+            "expires_at": session.expires_at,
+            "token_hash": session.token_hash,
+        }
+        async with self.users.db.connection() as conn:
+            await self.sessions.sweep_when_due(conn, session.created_at)
+            row = await (await conn.execute(_SIGN_IN, params)).fetchone()
+        if row is None:  # lost the race to a concurrent first login: its row is committed
+            return await StepwiseSignIn(users=self.users, sessions=self.sessions).sign_in(
+                phone, name=name, role=role, session=session
+            )
+        opened = None
+        if row["opened"]:
+            opened = Session(
+                id=session.id,
+                user_id=row["id"],
+                created_at=session.created_at,
+                expires_at=session.expires_at,
+            )
+        return SignIn(user=_user(row), created=row["created"], session=opened)
 
 
 async def _fetch(cursor: psycopg.AsyncCursor[DictRow]) -> DictRow:

@@ -155,6 +155,29 @@ class Rotation(msgspec.Struct, frozen=True, kw_only=True):
     session: Session | None = None
 
 
+class NewSession(msgspec.Struct, frozen=True, kw_only=True):
+    """A session to open: its id, its first refresh token (hashed) and its lifetime."""
+
+    id: str
+    token_hash: bytes
+    created_at: datetime
+    expires_at: datetime
+
+
+class SignIn(msgspec.Struct, frozen=True, kw_only=True):
+    user: User
+    created: bool
+    # None when the user is inactive: no session is opened for them.
+    session: Session | None
+
+
+class SignInStore(Protocol):
+    async def sign_in(self, phone: str, *, name: str, role: Role, session: NewSession) -> SignIn:
+        """The user of ``phone``, created if absent (as ``UserRepo.get_or_create``), and
+        ``session`` opened for them if they are active; in one step where the store can."""
+        ...
+
+
 class SessionStore(Protocol):
     """Refresh-token sessions. Tokens arrive already hashed; nothing here sees a raw token."""
 

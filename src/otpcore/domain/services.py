@@ -37,10 +37,13 @@ from otpcore.domain.ports import (
     Counters,
     EventBus,
     Limit,
+    NewSession,
     RateDecision,
     RateLimiter,
     RotationOutcome,
     SessionStore,
+    SignIn,
+    SignInStore,
     UserRepo,
 )
 from otpcore.domain.tokens import AccessClaims, TokenService
@@ -78,6 +81,28 @@ class Principal(msgspec.Struct, frozen=True, kw_only=True):
     claims: AccessClaims
 
 
+class StepwiseSignIn:
+    """A ``SignInStore`` of two steps: the user from a ``UserRepo``, then the session from a
+    ``SessionStore`` (for stores that cannot do both in one)."""
+
+    def __init__(self, *, users: UserRepo, sessions: SessionStore) -> None:
+        self.users = users
+        self.sessions = sessions
+
+    async def sign_in(self, phone: str, *, name: str, role: Role, session: NewSession) -> SignIn:
+        user, created = await self.users.get_or_create(phone, name=name, role=role)
+        if not user.is_active:
+            return SignIn(user=user, created=created, session=None)
+        opened = await self.sessions.create(
+            session.id,
+            user.id,
+            session.token_hash,
+            now=session.created_at,
+            expires_at=session.expires_at,
+        )
+        return SignIn(user=user, created=created, session=opened)
+
+
 class AuthService:
     def __init__(
         self,
@@ -90,6 +115,7 @@ class AuthService:
         tokens: TokenService,
         phones: PhonePolicy,
         policy: CodePolicy,
+        sign_ins: SignInStore | None = None,
         admin_numbers: frozenset[str] = frozenset(),
         clock: Callable[[], float] = time.time,
         counters: Counters | None = None,
@@ -97,6 +123,7 @@ class AuthService:
         country_hourly_limit: int = 0,
     ) -> None:
         self.users = users
+        self.sign_ins = sign_ins or StepwiseSignIn(users=users, sessions=sessions)
         self.codes = codes
         self.sessions = sessions
         self.events = events
@@ -240,13 +267,22 @@ class AuthService:
         if check.outcome is not CodeOutcome.ACCEPTED:
             await self._refuse(phone, check.outcome, check.attempts_remaining, check.retry_after)
         role = Role.ADMIN if phone in self.admin_numbers else Role.USER
-        user, created = await self.users.get_or_create(phone, name=display_name, role=role)
+        now = self.clock()
+        refresh = self.tokens.new_refresh_token()
+        session = NewSession(
+            id=uuid.uuid4().hex,
+            token_hash=self.tokens.hash_refresh_token(refresh),
+            created_at=datetime.fromtimestamp(now, UTC),
+            expires_at=datetime.fromtimestamp(now + self.tokens.refresh_ttl, UTC),
+        )
+        # The user and the session in one step (one statement in Postgres).
+        signed = await self.sign_ins.sign_in(phone, name=display_name, role=role, session=session)
+        user, created = signed.user, signed.created
         if role is Role.ADMIN and user.role is not Role.ADMIN:
             user = await self.users.update(user.id, role=Role.ADMIN) or user
-        if not user.is_active:
+        if signed.session is None:
             await self._publish(ev.AUTH_FAILED, phone_number=phone, reason="user_inactive")
             raise UserInactive()
-        result = await self._open_session(user)
         events = [
             Event(
                 event_type=ev.OTP_VERIFIED,
@@ -266,7 +302,13 @@ class AuthService:
         # All of a sign-in's events in one append, before the response acknowledges it.
         await self.events.publish(*events)
         self._count("otp_verified", country=country)
-        return msgspec.structs.replace(result, created=created)
+        return AuthResult(
+            user=user,
+            access_token=self.tokens.issue_access(user, session.id, int(now)),
+            refresh_token=refresh,
+            expires_in=self.tokens.access_ttl,
+            created=created,
+        )
 
     async def _refuse(self, phone: str, outcome: CodeOutcome, remaining: int, retry_after: int) -> None:
         if outcome is CodeOutcome.MISSING:
@@ -281,24 +323,6 @@ class AuthService:
                 retry_after=retry_after,
             )
         raise TooManyAttempts("too many wrong guesses; this code is burned, request a new one")
-
-    async def _open_session(self, user: User) -> AuthResult:
-        now = self.clock()
-        session_id = uuid.uuid4().hex
-        refresh = self.tokens.new_refresh_token()
-        await self.sessions.create(
-            session_id,
-            user.id,
-            self.tokens.hash_refresh_token(refresh),
-            now=datetime.fromtimestamp(now, UTC),
-            expires_at=datetime.fromtimestamp(now + self.tokens.refresh_ttl, UTC),
-        )
-        return AuthResult(
-            user=user,
-            access_token=self.tokens.issue_access(user, session_id, int(now)),
-            refresh_token=refresh,
-            expires_in=self.tokens.access_ttl,
-        )
 
     async def refresh(self, refresh_token: str) -> AuthResult:
         now = self.clock()

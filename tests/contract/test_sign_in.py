@@ -1,0 +1,137 @@
+"""SignInStore contract: the user of a number (created once) and a session for them, or none
+for an inactive user. Runs against the two-step store over memory and SQLite, and Postgres's
+one-statement store."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+
+from otpcore.adapters.memory import MemorySessionStore, MemoryUserRepo
+from otpcore.adapters.postgres import PostgresSessionStore, PostgresSignIn, PostgresUserRepo
+from otpcore.adapters.sqlite import SqliteSessionStore, SqliteUserRepo
+from otpcore.domain.model import Role
+from otpcore.domain.ports import NewSession
+from otpcore.domain.services import StepwiseSignIn
+
+NOW = datetime(2026, 5, 1, tzinfo=UTC)
+PHONE = "+14155550123"
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def stores(request, clock):
+    """(sign-in store, user repo, session store) over the same data."""
+    if request.param == "memory":
+        users, sessions = MemoryUserRepo(clock=clock), MemorySessionStore()
+        return StepwiseSignIn(users=users, sessions=sessions), users, sessions
+    if request.param == "sqlite":
+        db = request.getfixturevalue("sqlite_db")
+        users, sessions = SqliteUserRepo(db, clock=clock), SqliteSessionStore(db)
+        return StepwiseSignIn(users=users, sessions=sessions), users, sessions
+    pg = request.getfixturevalue("pg_database")
+    pg_users, pg_sessions = PostgresUserRepo(pg, clock=clock), PostgresSessionStore(pg)
+    return PostgresSignIn(pg_users, pg_sessions), pg_users, pg_sessions
+
+
+def new_session(at: datetime = NOW) -> NewSession:
+    return NewSession(
+        id=uuid.uuid4().hex,
+        token_hash=secrets.token_bytes(32),
+        created_at=at,
+        expires_at=at + timedelta(days=30),
+    )
+
+
+async def test_a_new_number_gets_a_user_and_a_session(stores) -> None:
+    store, users, sessions = stores
+    opening = new_session()
+    signed = await store.sign_in(PHONE, name="Ada", role=Role.ADMIN, session=opening)
+
+    assert signed.created
+    assert (signed.user.phone_number, signed.user.name, signed.user.role) == (PHONE, "Ada", Role.ADMIN)
+    assert await users.get_by_phone(PHONE) == signed.user
+    assert signed.session is not None
+    assert (signed.session.id, signed.session.user_id) == (opening.id, signed.user.id)
+    stored = await sessions.find(opening.token_hash)
+    assert stored is not None and stored.id == opening.id and stored.user_id == signed.user.id
+    assert stored.expires_at == opening.expires_at and not stored.revoked
+    assert await sessions.get(opening.id) == stored
+
+
+async def test_a_known_number_keeps_its_user_and_gets_another_session(stores) -> None:
+    store, _, sessions = stores
+    first = await store.sign_in(PHONE, name="Ada", role=Role.USER, session=new_session())
+    opening = new_session()
+    again = await store.sign_in(PHONE, name="Someone Else", role=Role.USER, session=opening)
+
+    assert not again.created
+    assert again.user == first.user  # the name given later does not rename the user
+    assert again.session is not None and again.session.id == opening.id
+    assert first.session is not None
+    assert await sessions.get(first.session.id) is not None  # the earlier session stays open
+    assert (await sessions.find(opening.token_hash)).id == opening.id  # type: ignore[union-attr]
+
+
+async def test_an_inactive_user_gets_no_session(stores) -> None:
+    store, users, sessions = stores
+    first = await store.sign_in(PHONE, name="", role=Role.USER, session=new_session())
+    await users.update(first.user.id, is_active=False)
+    opening = new_session()
+
+    signed = await store.sign_in(PHONE, name="", role=Role.USER, session=opening)
+
+    assert signed.session is None and not signed.created
+    assert signed.user.id == first.user.id and not signed.user.is_active
+    assert await sessions.get(opening.id) is None
+    assert await sessions.find(opening.token_hash) is None
+
+
+async def test_concurrent_first_sign_ins_create_one_user(stores) -> None:
+    store, _, sessions = stores
+    openings = [new_session() for _ in range(12)]
+    signed = await asyncio.gather(
+        *(store.sign_in(PHONE, name=f"n{i}", role=Role.USER, session=s) for i, s in enumerate(openings))
+    )
+
+    assert sum(s.created for s in signed) == 1
+    assert len({s.user.id for s in signed}) == 1
+    for opening in openings:  # every one of them still got its session
+        stored = await sessions.get(opening.id)
+        assert stored is not None and stored.user_id == signed[0].user.id
+
+
+async def test_postgres_sign_in_racing_an_uncommitted_first_login(pg_database, pg_dsn) -> None:
+    """The one statement finds no row and inserts none: the store falls back to two steps."""
+    users, sessions = PostgresUserRepo(pg_database), PostgresSessionStore(pg_database)
+    store = PostgresSignIn(users, sessions)
+    opening = new_session()
+    with psycopg.connect(pg_dsn) as other:  # a transaction left open
+        other.execute(
+            "INSERT INTO users (phone_number, name, name_folded, role, created_at, updated_at)"
+            " VALUES (%s, 'First', 'first', 'user', now(), now())",
+            (PHONE,),
+        )
+        racing = asyncio.create_task(store.sign_in(PHONE, name="Second", role=Role.USER, session=opening))
+        await asyncio.sleep(0.3)  # the insert now waits on the uncommitted row
+        assert not racing.done()
+        other.commit()
+        signed = await racing
+    assert (signed.user.name, signed.created) == ("First", False)
+    assert signed.session is not None
+    assert (await sessions.find(opening.token_hash)).user_id == signed.user.id  # type: ignore[union-attr]
+
+
+async def test_postgres_sign_in_sweeps_long_expired_sessions(pg_database) -> None:
+    users, sessions = PostgresUserRepo(pg_database), PostgresSessionStore(pg_database)
+    store = PostgresSignIn(users, sessions)
+    sessions.SWEEP_EVERY = 2
+    old = new_session(NOW - timedelta(days=40))
+    await store.sign_in(PHONE, name="", role=Role.USER, session=old)
+    await store.sign_in(PHONE, name="", role=Role.USER, session=new_session())
+
+    assert await sessions.get(old.id) is None  # expired ten days before the second sign-in
