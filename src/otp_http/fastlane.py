@@ -13,7 +13,7 @@ the routes' definition (OpenAPI, CORS requests, and the fallback); tests compare
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -26,6 +26,7 @@ from otp_http.middleware import ADMISSION, DECISIONS, Admission
 from otp_http.schemas import ErrorBody, SendOtpRequest, TokenResponse, UserOut, VerifyOtpRequest
 from otpcore import Core
 from otpcore.domain.errors import AdmissionRefused, OtpError
+from otpcore.domain.ports import Limit
 
 SEND_OTP = "/api/v1/auth/send-otp"
 VERIFY_OTP = "/api/v1/auth/verify-otp"
@@ -69,40 +70,34 @@ class FastLane:
         return handler
 
     def admits(self, scope: Scope) -> bool:
-        """Whether this request's handler decides the per-IP limits itself: send-otp does, in
-        the send's own script (see ``AuthService.send_code``)."""
-        return scope["path"] == SEND_OTP
+        """Whether this request's handler decides the per-IP limits itself: send-otp and
+        verify-otp do, in the code store's own script (see ``AuthService.send_code``)."""
+        return scope["path"] in (SEND_OTP, VERIFY_OTP)
 
     async def send_otp(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = scope["state"]
         admission: Admission | None = state.get(ADMISSION)
         data = await self._decode(self._send_otp, scope, receive, send, admission)
-        if data is None:
-            return
-        if admission is None:
-            await _answer(scope, send, lambda: send_otp(self.core, state, data))
-            return
-        names = {limit.name for limit in admission.limits}
-
-        async def settle() -> bool:
-            # A send refused before its script leaves the per-IP limits undecided: decide them
-            # now, before the answer, as the edge would have before the request.
-            if any(decision.name in names for decision in state[DECISIONS]):
-                return True
-            return await admission.admit()
-
-        try:
-            await _answer(scope, send, lambda: send_otp(self.core, state, data, admission.limits), settle)
-        except AdmissionRefused:
-            await admission.refuse()
+        if data is not None:
+            await _admitted(scope, send, admission, lambda limits: send_otp(self.core, state, data, limits))
 
     async def verify_otp(self, scope: Scope, receive: Receive, send: Send) -> None:
-        data = await self._decode(self._verify_otp, scope, receive, send)
+        state = scope["state"]
+        admission: Admission | None = state.get(ADMISSION)
+        data = await self._decode(self._verify_otp, scope, receive, send, admission)
         if data is not None:
-            await _answer(scope, send, lambda: self._sign_in(data))
+            await _admitted(scope, send, admission, lambda limits: self._sign_in(state, data, limits))
 
-    async def _sign_in(self, data: VerifyOtpRequest) -> TokenResponse:
-        result = await self.core.auth.verify_code(data.phone_number, data.otp_code, name=data.name)
+    async def _sign_in(
+        self, state: dict[str, Any], data: VerifyOtpRequest, admission: Sequence[Limit]
+    ) -> TokenResponse:
+        result = await self.core.auth.verify_code(
+            data.phone_number,
+            data.otp_code,
+            name=data.name,
+            admission=admission,
+            decided=state[DECISIONS],
+        )
         return TokenResponse.of(result)
 
     async def profile(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -167,6 +162,32 @@ def _replay(messages: list[ReceiveMessage], receive: Receive) -> Receive:
         return pending.pop(0) if pending else await receive()
 
     return replayed
+
+
+async def _admitted(
+    scope: Scope,
+    send: Send,
+    admission: Admission | None,
+    call: Callable[[Sequence[Limit]], Awaitable[msgspec.Struct]],
+) -> None:
+    """``_answer`` for a handler that decides the per-IP ``admission`` limits in its own step."""
+    if admission is None:
+        await _answer(scope, send, lambda: call(()))
+        return
+    state = scope["state"]
+    names = {limit.name for limit in admission.limits}
+
+    async def settle() -> bool:
+        # A request refused before that step leaves the per-IP limits undecided: decide them
+        # now, before the answer, as the edge would have before the request.
+        if any(decision.name in names for decision in state[DECISIONS]):
+            return True
+        return await admission.admit()
+
+    try:
+        await _answer(scope, send, lambda: call(admission.limits), settle)
+    except AdmissionRefused:
+        await admission.refuse()
 
 
 async def _answer(

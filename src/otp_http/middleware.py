@@ -153,7 +153,8 @@ class EdgeMiddleware:
                 fast = self.fast_lane.route(cast("HTTPScope", scope))
             limits = self.limits_for(scope["path"], ip)
             if limits and fast is not None and self.fast_lane and self.fast_lane.admits(scope):
-                # The handler decides them in its own step (send-otp: one Redis script).
+                # The handler decides them in its own step (send-otp, verify-otp: in the code
+                # store's script).
                 state[ADMISSION] = Admission(
                     limits,
                     admit=lambda: self._admit(scope, limits, send_with_headers),

@@ -193,3 +193,52 @@ async def test_concurrent_admissions_allow_exactly_the_limit(code_store) -> None
         *(_send(code_store, f"+1415556{i:04d}", admission=_admission(5)) for i in range(20))
     )
     assert sum(all(d.allowed for d in decisions) for decisions in results) == 5
+
+
+# -- admission with the check: the same limits, decided with a verification --
+
+
+async def _verify(store, phone: str, digest=RIGHT, *, admission, budget=BUDGET):
+    return await store.check(phone, digest, failure_budget=budget, admission=admission)
+
+
+async def test_checks_admit_on_the_limiters_own_logs(limiter_and_code_store) -> None:
+    limiter, store = limiter_and_code_store
+    await _send(store, PHONE, admission=())
+    accepted = await _verify(store, PHONE, admission=_admission(3))
+    assert accepted.outcome is CodeOutcome.ACCEPTED
+    assert [(d.name, d.allowed, d.remaining) for d in accepted.admission] == [
+        ("global", True, 99),
+        ("auth", True, 2),
+    ]
+    # Every outcome counts for the client: a check of a code never sent as well.
+    missing = await _verify(store, "+14155550999", admission=_admission(3))
+    assert missing.outcome is CodeOutcome.MISSING
+    assert [d.remaining for d in missing.admission] == [98, 1]
+    assert [d.remaining for d in await limiter.hit(_admission(3))] == [97, 0]
+
+
+async def test_a_refused_check_looks_at_nothing_and_records_nothing(code_store, clock) -> None:
+    budget = Limit(name="failures", subject=PHONE, requests=2, window=3600.0)
+    await _send(code_store, PHONE, admission=())
+    await _verify(code_store, "+14155550100", admission=_admission(1))
+    refused = await _verify(code_store, PHONE, WRONG, admission=_admission(1), budget=budget)
+    assert refused.outcome is CodeOutcome.REFUSED
+    assert [(d.name, d.allowed, d.remaining) for d in refused.admission] == [
+        ("global", False, 99),
+        ("auth", False, 0),
+    ]
+    assert refused.admission[1].reset_after > 0
+    # The wrong guess was not counted against the code or the number, nor the right one spent.
+    clock.advance(61)
+    wrong = await _verify(code_store, PHONE, WRONG, admission=_admission(1), budget=budget)
+    assert (wrong.outcome, wrong.attempts_remaining) == (CodeOutcome.WRONG, 1)
+    assert (await _verify(code_store, PHONE, admission=())).outcome is CodeOutcome.ACCEPTED
+
+
+async def test_concurrent_checks_admit_exactly_the_limit(code_store) -> None:
+    results = await asyncio.gather(
+        *(_verify(code_store, f"+1415557{i:04d}", admission=_admission(5)) for i in range(20))
+    )
+    assert sum(r.outcome is not CodeOutcome.REFUSED for r in results) == 5
+    assert all(all(d.allowed for d in r.admission) == (r.outcome is not CodeOutcome.REFUSED) for r in results)

@@ -46,17 +46,20 @@ async def test_parallel_verifications_of_one_code_succeed_once(api):
             assert response.json()["error"] in {"otp_expired", "invalid_otp"}
 
 
+def allowed(limits):
+    return [RateDecision(allowed=True, limit=x.requests, remaining=x.requests, reset_after=0, name=x.name)
+            for x in limits]  # fmt: skip
+
+
 class AcceptingCodes:
     """A code store that accepts every code, so many first logins can race."""
 
     async def issue(self, *a, send_limit=None, admission=(), **k):
-        limits = [*admission, *([send_limit] if send_limit else [])]
-        return [RateDecision(allowed=True, limit=x.requests, remaining=x.requests, reset_after=0, name=x.name)
-                for x in limits]  # fmt: skip
+        return allowed([*admission, *([send_limit] if send_limit else [])])
 
-    async def check(self, *a, **k):
+    async def check(self, *a, admission=(), **k):
         await asyncio.sleep(0)
-        return CodeCheck(outcome=CodeOutcome.ACCEPTED)
+        return CodeCheck(outcome=CodeOutcome.ACCEPTED, admission=allowed(admission))
 
     async def ping(self):
         return None

@@ -143,7 +143,19 @@ class MemoryCodeStore:
                 self.events.events.append(event)
         return decisions
 
-    async def check(self, phone: str, digest: bytes, *, failure_budget: Limit) -> CodeCheck:
+    async def check(
+        self, phone: str, digest: bytes, *, failure_budget: Limit, admission: Sequence[Limit] = ()
+    ) -> CodeCheck:
+        if not admission:
+            return self._check(phone, digest, failure_budget)
+        if self.limiter is None:
+            raise ValueError("this code store has no rate limiter to admit with")
+        decisions = self.limiter.log.decide(admission)
+        if not decisions[0].allowed:
+            return CodeCheck(outcome=CodeOutcome.REFUSED, admission=decisions)
+        return msgspec.structs.replace(self._check(phone, digest, failure_budget), admission=decisions)
+
+    def _check(self, phone: str, digest: bytes, failure_budget: Limit) -> CodeCheck:
         budget = self.log.decide([failure_budget], record=False)[0]
         if not budget.allowed:
             return CodeCheck(outcome=CodeOutcome.LOCKED, retry_after=budget.reset_after)

@@ -322,41 +322,52 @@ return reply
 """
 )
 
-# KEYS: the code hash, the failure-budget sorted set. ARGV: now, digest, requests, window, member.
-# Returns {outcome, attempts_remaining, retry_after}; outcome indexes _OUTCOMES.
+# KEYS: the code hash, the failure-budget sorted set, then one sorted set per admission limit
+# (RedisRateLimiter's keys). ARGV: now, digest, requests, window, member, then requests and
+# window of each admission limit.
+# Returns {outcome, attempts_remaining, retry_after, then remaining and reset_after of each
+# admission limit}; outcome indexes _OUTCOMES. An admission limit refusing: REFUSED, nothing
+# recorded, the code untouched.
 _CHECK = (
     _WRITES
     + _SLIDING_LOG
     + """
-local ACCEPTED, WRONG, BURNED, LOCKED, MISSING = 0, 1, 2, 3, 4
+local ACCEPTED, WRONG, BURNED, LOCKED, MISSING, REFUSED = 0, 1, 2, 3, 4, 5
 local now, requests, window = tonumber(ARGV[1]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local admitted = {}
+local function answer(outcome, remaining, retry)
+  local reply = {outcome, remaining, retry}
+  for i = 2, 2 * (#KEYS - 2) + 1 do table.insert(reply, admitted[i]) end
+  return reply
+end
+if decide(2, #KEYS - 2, 4, now, ARGV[5], admitted) == 0 then return answer(REFUSED, 0, 0) end
 local failures = live(KEYS[2], now, window)
 if failures >= requests then
-  return {LOCKED, 0, reset_after(KEYS[2], failures, now, window)}
+  return answer(LOCKED, 0, reset_after(KEYS[2], failures, now, window))
 end
 local code = redis.call('HMGET', KEYS[1], 'digest', 'expires_at', 'attempts')
-if not code[1] then return {MISSING, 0, 0} end
+if not code[1] then return answer(MISSING, 0, 0) end
 if tonumber(code[2]) <= now then
   redis.call('DEL', KEYS[1])
-  return {MISSING, 0, 0}
+  return answer(MISSING, 0, 0)
 end
-if tonumber(code[3]) <= 0 then return {BURNED, 0, 0} end
+if tonumber(code[3]) <= 0 then return answer(BURNED, 0, 0) end
 -- A plain comparison is safe: both sides are HMAC-SHA256 outputs under a key Redis never
 -- sees, and an attacker cannot choose HMAC outputs, so how long it takes to find a mismatch
 -- tells nothing about the code.
 if code[1] == ARGV[2] then
   redis.call('DEL', KEYS[1])
-  return {ACCEPTED, 0, 0}
+  return answer(ACCEPTED, 0, 0)
 end
 local left = redis.call('HINCRBY', KEYS[1], 'attempts', -1)
 record(KEYS[2], now, window, ARGV[5])
 failures = failures + 1
 if failures >= requests then
-  return {LOCKED, 0, reset_after(KEYS[2], failures, now, window)}
+  return answer(LOCKED, 0, reset_after(KEYS[2], failures, now, window))
 end
-if left <= 0 then return {BURNED, 0, 0} end
+if left <= 0 then return answer(BURNED, 0, 0) end
 -- What is left is whichever runs out first: this code's attempts or the number's budget.
-return {WRONG, math.min(left, requests - failures), 0}
+return answer(WRONG, math.min(left, requests - failures), 0)
 """
 )
 
@@ -366,6 +377,7 @@ _OUTCOMES = (
     CodeOutcome.BURNED,
     CodeOutcome.LOCKED,
     CodeOutcome.MISSING,
+    CodeOutcome.REFUSED,
 )
 
 
@@ -481,18 +493,44 @@ class RedisCodeStore:
             await self.events.publish(event)
         return decisions
 
-    async def check(self, phone: str, digest: bytes, *, failure_budget: Limit) -> CodeCheck:
-        keys = [self.keyspace.key(phone, "code"), self._limit_key(phone, failure_budget)]
-        args = [
+    async def check(
+        self, phone: str, digest: bytes, *, failure_budget: Limit, admission: Sequence[Limit] = ()
+    ) -> CodeCheck:
+        admitted: list[RateDecision] = []
+        if admission and self.keyspace.is_cluster:
+            # The client's keys live on other slots than the number's: decided first, apart.
+            admitted = await self._limiter.hit(admission)
+            if not admitted[0].allowed:
+                return CodeCheck(outcome=CodeOutcome.REFUSED, admission=admitted)
+            admission = ()
+        keys = [
+            self.keyspace.key(phone, "code"),
+            self._limit_key(phone, failure_budget),
+            *(self._limiter.key(limit) for limit in admission),
+        ]
+        args: list[Any] = [
             _ms(self.clock()),
             digest,
             failure_budget.requests,
             _ms(failure_budget.window),
             self.keyspace.unique(),
         ]
-        outcome, attempts, retry_after = await self.keyspace.run(self._check, keys, args)
+        for limit in admission:
+            args += [limit.requests, _ms(limit.window)]
+        reply = await self.keyspace.run(self._check, keys, args)
+        outcome = _OUTCOMES[reply[0]]
+        admitted += [
+            RateDecision(
+                allowed=outcome is not CodeOutcome.REFUSED,
+                limit=limit.requests,
+                remaining=int(reply[3 + 2 * i]),
+                reset_after=int(reply[4 + 2 * i]),
+                name=limit.name,
+            )
+            for i, limit in enumerate(admission)
+        ]
         return CodeCheck(
-            outcome=_OUTCOMES[outcome], attempts_remaining=int(attempts), retry_after=int(retry_after)
+            outcome=outcome, attempts_remaining=int(reply[1]), retry_after=int(reply[2]), admission=admitted
         )
 
     async def ping(self) -> None:

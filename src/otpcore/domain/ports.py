@@ -48,12 +48,15 @@ class CodeOutcome(enum.Enum):
     BURNED = "burned"  # the code used up its attempts
     LOCKED = "locked"  # the number used up its failure budget
     MISSING = "missing"  # never sent, expired or already used
+    REFUSED = "refused"  # an admission limit refused: the code was not looked at
 
 
 class CodeCheck(msgspec.Struct, frozen=True, kw_only=True):
     outcome: CodeOutcome
     attempts_remaining: int = 0
     retry_after: int = 0
+    # The decisions of the admission limits given, in order.
+    admission: list[RateDecision] = msgspec.field(default_factory=list)
 
 
 class RateLimiter(Protocol):
@@ -91,12 +94,15 @@ class CodeStore(Protocol):
         """
         ...
 
-    async def check(self, phone: str, digest: bytes, *, failure_budget: Limit) -> CodeCheck:
+    async def check(
+        self, phone: str, digest: bytes, *, failure_budget: Limit, admission: Sequence[Limit] = ()
+    ) -> CodeCheck:
         """Compare ``digest`` with the live code of ``phone``, atomically.
 
         A match deletes the code (single use). A mismatch counts one attempt against the code
         and one failure against the number's ``failure_budget``; past either the code cannot
-        be used.
+        be used. ``admission`` are decided first, as in ``issue``: if one refuses, the outcome
+        is REFUSED and nothing else is recorded or looked at.
         """
         ...
 

@@ -251,7 +251,19 @@ class AuthService:
         if self._deliveries:
             await asyncio.gather(*self._deliveries, return_exceptions=True)
 
-    async def verify_code(self, phone_number: str, code: str, name: str | None = None) -> AuthResult:
+    async def verify_code(
+        self,
+        phone_number: str,
+        code: str,
+        name: str | None = None,
+        *,
+        admission: Sequence[Limit] = (),
+        decided: list[RateDecision] | None = None,
+    ) -> AuthResult:
+        """Sign in with a code: the user (created on the first success) and a new session.
+
+        ``admission`` and ``decided``: as for ``send_code``, decided with the code check.
+        """
         phone, country = self.phones.parse(
             phone_number, test_numbers=self.policy.active_test_codes(self.clock())
         )
@@ -263,7 +275,12 @@ class AuthService:
             phone,
             self.policy.digest(phone, candidate),
             failure_budget=self.policy.failure_budget(phone),
+            admission=admission,
         )
+        if decided is not None:
+            decided.extend(check.admission)
+        if check.outcome is CodeOutcome.REFUSED:
+            raise AdmissionRefused(check.admission[0])
         if check.outcome is not CodeOutcome.ACCEPTED:
             await self._refuse(phone, check.outcome, check.attempts_remaining, check.retry_after)
         role = Role.ADMIN if phone in self.admin_numbers else Role.USER
