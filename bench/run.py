@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--py-spy",
         nargs="?",
         const="send-otp",
-        choices=["send-otp", "verify-otp"],
+        choices=["send-otp", "verify-otp", "profile"],
         help="profile a worker during an extra run of this workload (default send-otp)",
     )
     p.add_argument("--no-granian", action="store_true", help="skip the ceiling under granian")
@@ -441,6 +441,9 @@ class Bench:
             after = procs.get_from_each_worker(server.port, "/metrics", workers)
             self.results["user_cache"] = cache_ratio(before, after)
             log(f"profile: {runs['profile'].rps} req/s, cache {self.results['user_cache'].get('hit_ratio')}")
+            if args.py_spy == "profile":
+                with self.py_spy(server):
+                    self.wrk(server.url, "profile", [str(tokens_file), str(cdf_file)])
             measure_ceiling()
 
             admin = asyncio.run(self.obtain_tokens(server.url, [self.plan.admin]))[0]

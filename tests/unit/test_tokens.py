@@ -124,6 +124,17 @@ def test_round_trip() -> None:
     assert claims.exp == t + 900
 
 
+def test_hs256_tokens_verify_with_joserfc_alone() -> None:
+    # The service signs HS256 itself: joserfc, on its own, must accept the result as signed by
+    # the secret, and refuse it under any other.
+    token = service().issue_access(USER, "sid-1", now())
+    decoded = jwt.decode(token, OctKey.import_key(SECRET.encode()), algorithms=["HS256"])
+    assert decoded.header == {"alg": "HS256", "typ": "at+jwt"}
+    assert (decoded.claims["sub"], decoded.claims["sid"]) == ("42", "sid-1")
+    with pytest.raises(Exception, match="signature"):
+        jwt.decode(token, OctKey.import_key(b"t" * 40), algorithms=["HS256"])
+
+
 def test_the_hand_rolled_hs256_helper_matches_the_service() -> None:
     # Sanity check for the forgeries below: a correct token made by hand is accepted.
     token = hs256({"alg": "HS256", "typ": "at+jwt"}, good_claims(), SECRET.encode())

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-import uuid
+import secrets
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,5 +26,5 @@ SESSION_REVOKED = "session:revoked"
 class Event(msgspec.Struct, frozen=True, kw_only=True):
     event_type: str
     data: dict[str, Any] = msgspec.field(default_factory=dict)
-    event_id: str = msgspec.field(default_factory=lambda: uuid.uuid4().hex)
+    event_id: str = msgspec.field(default_factory=lambda: secrets.token_hex(16))
     timestamp: datetime = msgspec.field(default_factory=lambda: datetime.now(UTC))

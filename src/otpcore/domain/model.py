@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import unicodedata
 from collections.abc import Collection
 from datetime import datetime
@@ -60,20 +61,13 @@ class PhonePolicy(msgspec.Struct, frozen=True, kw_only=True):
 
     def parse(self, raw: str, *, test_numbers: Collection[str] | None = None) -> Phone:
         """``normalize``, with the number's country found on the way (one parse, not two)."""
-        if not isinstance(raw, str) or not raw.strip() or len(raw) > 64:
+        reading = _read(raw) if isinstance(raw, str) and raw.strip() and len(raw) <= 64 else None
+        if reading is None:
             raise InvalidPhoneNumber("phone number must be an international number like +14155550123")
-        try:
-            parsed = phonenumbers.parse(raw, None)
-        except phonenumbers.NumberParseException as exc:
-            raise InvalidPhoneNumber(
-                "phone number must be an international number like +14155550123"
-            ) from exc
-        e164 = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
-        region = phonenumbers.region_code_for_number(parsed)
+        e164, region, valid = reading
         if e164 in (self.test_numbers if test_numbers is None else test_numbers):
             return Phone(e164, region or "ZZ")
-        # is_valid_number is exactly this, finding the region again.
-        if region is None or not phonenumbers.is_valid_number_for_region(parsed, region):
+        if region is None or not valid:
             raise InvalidPhoneNumber("phone number is not a valid number")
         if self.allowed_countries and region not in self.allowed_countries:
             raise InvalidPhoneNumber("codes cannot be sent to this country")
@@ -86,6 +80,22 @@ class PhonePolicy(msgspec.Struct, frozen=True, kw_only=True):
             return phonenumbers.region_code_for_number(phonenumbers.parse(e164, None)) or "ZZ"
         except phonenumbers.NumberParseException:
             return "ZZ"
+
+
+# A number is read at send-otp and again at verify-otp, about 100 µs each time: readings are
+# kept (phonenumbers' metadata never changes in a process), the least recently used dropped.
+@functools.lru_cache(maxsize=16_384)
+def _read(raw: str) -> tuple[str, str | None, bool] | None:
+    """phonenumbers' reading of ``raw``: (E.164, region, valid in that region); None when it
+    cannot be read as an international number."""
+    try:
+        parsed = phonenumbers.parse(raw, None)
+    except phonenumbers.NumberParseException:
+        return None
+    region = phonenumbers.region_code_for_number(parsed)
+    # is_valid_number is exactly this, finding the region again.
+    valid = region is not None and phonenumbers.is_valid_number_for_region(parsed, region)
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164), region, valid
 
 
 def well_formed_e164(raw: str) -> str:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -287,7 +287,7 @@ class AuthService:
         now = self.clock()
         refresh = self.tokens.new_refresh_token()
         session = NewSession(
-            id=uuid.uuid4().hex,
+            id=secrets.token_hex(16),
             token_hash=self.tokens.hash_refresh_token(refresh),
             created_at=datetime.fromtimestamp(now, UTC),
             expires_at=datetime.fromtimestamp(now + self.tokens.refresh_ttl, UTC),

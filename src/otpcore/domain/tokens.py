@@ -1,15 +1,18 @@
 """Access tokens (JWT, ``typ: at+jwt``) and opaque refresh tokens.
 
 JWTs go through joserfc, authlib's JOSE implementation (``authlib.jose`` is deprecated in
-its favour). Decoding pins the one configured algorithm and checks iss, aud and exp.
+its favour). Decoding pins the one configured algorithm and checks iss, aud and exp. HS256
+tokens are signed here instead: one HMAC over a constant header and the encoded claims, a
+fifth of joserfc's cost on the sign-in path; joserfc still verifies them.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import secrets
 import time
-import uuid
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -28,6 +31,13 @@ ACCESS_TOKEN_TYPE = "at+jwt"  # noqa: S105 - a JWT type, not a secret
 VERIFIED_TOKENS_KEPT = 10_000
 _ASYMMETRIC: dict[str, type[Key]] = {"EdDSA": OKPKey, "ES256": ECKey, "RS256": RSAKey}
 SUPPORTED_ALGORITHMS = ("HS256", *_ASYMMETRIC)
+
+
+def _b64(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+_HS256_HEADER = _b64(msgspec.json.encode({"alg": "HS256", "typ": ACCESS_TOKEN_TYPE}))
 
 
 class AccessClaims(msgspec.Struct, frozen=True, kw_only=True):
@@ -56,7 +66,8 @@ class TokenKeys:
         if algorithm == "HS256":
             if not secret:
                 raise ValueError("JWT_SECRET is required with HS256")
-            self.key = OctKey.import_key(secret.encode())
+            self.secret = secret.encode()
+            self.key = OctKey.import_key(self.secret)
         else:
             if not private_key_pem:
                 raise ValueError(f"JWT_PRIVATE_KEY_FILE is required with {algorithm}")
@@ -110,9 +121,6 @@ class TokenService:
         )
 
     def issue_access(self, user: User, session_id: str, now: int) -> str:
-        header: dict[str, Any] = {"alg": self.keys.algorithm, "typ": ACCESS_TOKEN_TYPE}
-        if self.keys.kid:
-            header["kid"] = self.keys.kid
         claims = {
             "iss": self.issuer,
             "aud": self.audience,
@@ -121,8 +129,13 @@ class TokenService:
             "sid": session_id,
             "iat": now,
             "exp": now + self.access_ttl,
-            "jti": uuid.uuid4().hex,
+            "jti": secrets.token_hex(16),
         }
+        if self.keys.algorithm == "HS256":
+            signing_input = _HS256_HEADER + b"." + _b64(msgspec.json.encode(claims))
+            signature = hmac.digest(self.keys.secret, signing_input, "sha256")
+            return (signing_input + b"." + _b64(signature)).decode()
+        header = {"alg": self.keys.algorithm, "typ": ACCESS_TOKEN_TYPE, "kid": self.keys.kid}
         return jwt.encode(header, claims, self.keys.key, algorithms=[self.keys.algorithm])
 
     def decode_access(self, token: str) -> AccessClaims:
