@@ -169,5 +169,32 @@ async def test_search_keyset_paging_with_after_id(user_repo):
     assert page == users[4:6]
 
 
+async def test_search_totals_follow_renames(user_repo):
+    users = await _populate(user_repo, ["Ada", "Ada", "", "Grace"])
+    assert await _names(user_repo, "ada") == (["Ada", "Ada"], 2)
+    await user_repo.update(users[0].id, name="Grace Ada")
+    await user_repo.update(users[1].id, name="")
+    await user_repo.update(users[2].id, name="Adam")
+    await user_repo.update(users[3].id, name="Grace")  # the same name again: nothing changes
+    assert await _names(user_repo, "ada") == (["Grace Ada", "Adam"], 2)
+    assert await _names(user_repo, "grace") == (["Grace Ada", "Grace"], 2)
+    assert (await _names(user_repo, ""))[1] == 4
+
+
+async def test_a_user_matching_by_name_and_phone_counts_once(user_repo):
+    await _populate(user_repo, ["5550000", "a", "b"])  # the first one's number ends in 5550000
+    assert await _names(user_repo, "5550000") == (["5550000"], 1)
+    assert await _names(user_repo, "555000") == (["5550000", "a", "b"], 3)
+
+
+async def test_search_totals_are_exact_after_concurrent_first_logins(user_repo):
+    names = ["", "Ada", ""] * 8
+    await asyncio.gather(
+        *(user_repo.get_or_create(f"+1415556{i:04d}", name=n, role=Role.USER) for i, n in enumerate(names))
+    )
+    assert (await _names(user_repo, "ada"))[1] == 8
+    assert (await _names(user_repo, ""))[1] == 24
+
+
 async def test_ping(user_repo):
     await user_repo.ping()
