@@ -1,5 +1,7 @@
 -- A session's user_id no longer references users: the foreign key's check locked the user's row
 -- (FOR KEY SHARE) at every sign-in, a write to that row and a WAL record each time, about a fifth
 -- of the statement's cost. Users are never deleted, so the key's cascade never ran; and a token
--- whose user is gone is refused anyway (AuthService.authenticate reads the user).
+-- whose user is gone is refused anyway (AuthService.authenticate reads the user). The index on
+-- user_id served only that cascade: no query reads sessions by user.
 ALTER TABLE sessions DROP CONSTRAINT IF EXISTS sessions_user_id_fkey;
+DROP INDEX IF EXISTS sessions_user_id;
