@@ -135,3 +135,15 @@ async def test_postgres_sign_in_sweeps_long_expired_sessions(pg_database) -> Non
     await store.sign_in(PHONE, name="", role=Role.USER, session=new_session())
 
     assert await sessions.get(old.id) is None  # expired ten days before the second sign-in
+
+
+async def test_truncating_users_takes_their_sessions_along(pg_database) -> None:
+    """Sessions hold no foreign key to users: a trigger stands in for the cascade, so that ids
+    restarted by RESTART IDENTITY cannot hand old sessions to new users."""
+    users, sessions = PostgresUserRepo(pg_database), PostgresSessionStore(pg_database)
+    opening = new_session()
+    await PostgresSignIn(users, sessions).sign_in(PHONE, name="", role=Role.USER, session=opening)
+    async with pg_database.connection() as conn:
+        await conn.execute("TRUNCATE users RESTART IDENTITY")
+    assert await sessions.get(opening.id) is None
+    assert await sessions.find(opening.token_hash) is None

@@ -210,8 +210,8 @@ _USER_MATCH = (
 # statement and burns no identity value; inserts only when absent. When a concurrent first
 # login inserts the row after this statement's snapshot, the conflict clause makes this insert
 # do nothing and no row comes back: the caller then reads the row the other one committed.
-_GET_OR_CREATE = f"""
-WITH found AS (
+_FIND_OR_CREATE = f"""
+found AS (
     SELECT {_USER_COLUMNS} FROM users WHERE phone_number = %(phone)s
 ), created AS (
     INSERT INTO users (phone_number, name, name_folded, role, created_at, updated_at)
@@ -219,11 +219,12 @@ WITH found AS (
     WHERE NOT EXISTS (SELECT FROM found)
     ON CONFLICT (phone_number) DO NOTHING
     RETURNING {_USER_COLUMNS}
-)
-SELECT *, false AS created FROM found
-UNION ALL
-SELECT *, true AS created FROM created
-"""  # noqa: S608 - only constants are interpolated
+), signed AS (
+    SELECT *, false AS created FROM found
+    UNION ALL
+    SELECT *, true AS created FROM created
+)"""  # noqa: S608 - only constants are interpolated
+_GET_OR_CREATE = f"WITH {_FIND_OR_CREATE} SELECT * FROM signed"  # noqa: S608
 
 _UPDATE_USER = f"""
 UPDATE users SET
@@ -303,6 +304,16 @@ class PostgresUserRepo:
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
 
+    def new_user(self, phone: str, name: str, role: Role) -> dict[str, object]:
+        """The parameters of _FIND_OR_CREATE."""
+        return {
+            "phone": phone,
+            "name": name,
+            "name_folded": name.casefold(),
+            "role": role.value,
+            "now": self._now(),
+        }
+
     async def get(self, user_id: int) -> User | None:
         return await self._one(f"SELECT {_USER_COLUMNS} FROM users WHERE id = %s", user_id)  # noqa: S608
 
@@ -318,15 +329,8 @@ class PostgresUserRepo:
         return None if row is None else _user(row)
 
     async def get_or_create(self, phone: str, *, name: str, role: Role) -> tuple[User, bool]:
-        params = {
-            "phone": phone,
-            "name": name,
-            "name_folded": name.casefold(),
-            "role": role.value,
-            "now": self._now(),
-        }
         async with self.db.connection() as conn:
-            row = await (await conn.execute(_GET_OR_CREATE, params)).fetchone()
+            row = await (await conn.execute(_GET_OR_CREATE, self.new_user(phone, name, role))).fetchone()
             if row is not None:
                 return _user(row), row["created"]
             # Lost the race to a concurrent first login: its row is committed by now.
@@ -509,19 +513,7 @@ class PostgresSessionStore:
 # children's foreign keys are checked (at the end of the statement). No row back: a concurrent
 # first login won the insert, and the caller takes the two-step path.
 _SIGN_IN = f"""
-WITH found AS (
-    SELECT {_USER_COLUMNS} FROM users WHERE phone_number = %(phone)s
-), created AS (
-    INSERT INTO users (phone_number, name, name_folded, role, created_at, updated_at)
-    SELECT %(phone)s, %(name)s, %(name_folded)s, %(role)s, %(now)s, %(now)s
-    WHERE NOT EXISTS (SELECT FROM found)
-    ON CONFLICT (phone_number) DO NOTHING
-    RETURNING {_USER_COLUMNS}
-), signed AS (
-    SELECT *, false AS created FROM found
-    UNION ALL
-    SELECT *, true AS created FROM created
-), session AS (
+WITH {_FIND_OR_CREATE}, session AS (
     INSERT INTO sessions (id, user_id, created_at, expires_at)
     SELECT %(session_id)s, id, %(session_created_at)s, %(expires_at)s FROM signed WHERE is_active
     RETURNING id
@@ -542,11 +534,7 @@ class PostgresSignIn:
 
     async def sign_in(self, phone: str, *, name: str, role: Role, session: NewSession) -> SignIn:
         params = {
-            "phone": phone,
-            "name": name,
-            "name_folded": name.casefold(),
-            "role": role.value,
-            "now": datetime.fromtimestamp(self.users.clock(), UTC),
+            **self.users.new_user(phone, name, role),
             "session_id": session.id,
             "session_created_at": session.created_at,
             "expires_at": session.expires_at,
