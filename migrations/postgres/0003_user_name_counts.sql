@@ -22,22 +22,32 @@ SELECT name_folded, id % 8, count(*) FROM users GROUP BY 1, 2;
 CREATE INDEX user_names_name_folded_trgm ON user_names USING gin (name_folded gin_trgm_ops)
     WITH (fastupdate = off);
 
+CREATE FUNCTION user_names_add(name text, user_id bigint) RETURNS void LANGUAGE sql AS $$
+    INSERT INTO user_names AS u VALUES (name, user_id % 8, 1)
+        ON CONFLICT (name_folded, shard) DO UPDATE SET users = u.users + 1;
+$$;
+
+-- A name no user has any more goes, so that renames leave no rows for searches to scan. A first
+-- login taking the name meanwhile waits on the row, then finds it gone and inserts it anew.
+CREATE FUNCTION user_names_remove(name text, user_id bigint) RETURNS void LANGUAGE sql AS $$
+    UPDATE user_names SET users = users - 1 WHERE name_folded = name AND shard = user_id % 8;
+    DELETE FROM user_names WHERE name_folded = name AND shard = user_id % 8 AND users = 0;
+$$;
+
 CREATE FUNCTION user_names_track() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     -- A rename takes its two rows in name order, so that renames A->B and B->A at once cannot
     -- deadlock.
     IF TG_OP = 'UPDATE' AND OLD.name_folded > NEW.name_folded THEN
-        INSERT INTO user_names AS u VALUES (NEW.name_folded, NEW.id % 8, 1)
-            ON CONFLICT (name_folded, shard) DO UPDATE SET users = u.users + 1;
-        UPDATE user_names SET users = users - 1 WHERE name_folded = OLD.name_folded AND shard = OLD.id % 8;
+        PERFORM user_names_add(NEW.name_folded, NEW.id);
+        PERFORM user_names_remove(OLD.name_folded, OLD.id);
         RETURN NULL;
     END IF;
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
-        UPDATE user_names SET users = users - 1 WHERE name_folded = OLD.name_folded AND shard = OLD.id % 8;
+        PERFORM user_names_remove(OLD.name_folded, OLD.id);
     END IF;
     IF TG_OP IN ('INSERT', 'UPDATE') THEN
-        INSERT INTO user_names AS u VALUES (NEW.name_folded, NEW.id % 8, 1)
-            ON CONFLICT (name_folded, shard) DO UPDATE SET users = u.users + 1;
+        PERFORM user_names_add(NEW.name_folded, NEW.id);
     END IF;
     RETURN NULL;
 END $$;

@@ -280,3 +280,12 @@ async def test_search_uses_the_trigram_indexes(pg_database) -> None:
     assert "Bitmap Index Scan on users_phone_number_trgm" in plan, plan
     assert await repo.search("LOVELACE", offset=0, limit=10, after_id=None) == ([ada], 1)
     assert (await repo.search("5550000123", offset=0, limit=10, after_id=None))[1] == 1
+
+
+async def test_names_no_user_has_leave_the_search_counts(pg_database) -> None:
+    repo = PostgresUserRepo(pg_database)
+    ada, _ = await repo.get_or_create("+14155550123", name="Ada", role=Role.USER)
+    await repo.update(ada.id, name="Grace")
+    async with pg_database.connection() as conn:
+        cursor = await conn.execute("SELECT name_folded, sum(users) FROM user_names GROUP BY 1")
+        assert [tuple(row.values()) for row in await cursor.fetchall()] == [("grace", 1)]
