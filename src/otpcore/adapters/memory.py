@@ -125,9 +125,7 @@ class MemoryCodeStore:
     ) -> list[RateDecision]:
         if event is not None and self.events is None:
             raise ValueError("this code store has no event bus to publish the send's event to")
-        if admission and self.limiter is None:
-            raise ValueError("this code store has no rate limiter to admit with")
-        decisions = self.limiter.log.decide(admission) if self.limiter and admission else []
+        decisions = self._admit(admission)
         if decisions and not decisions[0].allowed:
             return decisions
         decision = self.log.decide([send_limit])[0] if send_limit else None
@@ -146,14 +144,18 @@ class MemoryCodeStore:
     async def check(
         self, phone: str, digest: bytes, *, failure_budget: Limit, admission: Sequence[Limit] = ()
     ) -> CodeCheck:
-        if not admission:
-            return self._check(phone, digest, failure_budget)
-        if self.limiter is None:
-            raise ValueError("this code store has no rate limiter to admit with")
-        decisions = self.limiter.log.decide(admission)
-        if not decisions[0].allowed:
+        decisions = self._admit(admission)
+        if decisions and not decisions[0].allowed:
             return CodeCheck(outcome=CodeOutcome.REFUSED, admission=decisions)
         return msgspec.structs.replace(self._check(phone, digest, failure_budget), admission=decisions)
+
+    def _admit(self, admission: Sequence[Limit]) -> list[RateDecision]:
+        """The caller's limits, decided on the limiter's log."""
+        if not admission:
+            return []
+        if self.limiter is None:
+            raise ValueError("this code store has no rate limiter to admit with")
+        return self.limiter.log.decide(admission)
 
     def _check(self, phone: str, digest: bytes, failure_budget: Limit) -> CodeCheck:
         budget = self.log.decide([failure_budget], record=False)[0]

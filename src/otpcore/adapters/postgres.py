@@ -531,6 +531,7 @@ class PostgresSignIn:
     def __init__(self, users: PostgresUserRepo, sessions: PostgresSessionStore) -> None:
         self.users = users
         self.sessions = sessions
+        self._two_steps = StepwiseSignIn(users=users, sessions=sessions)
 
     async def sign_in(self, phone: str, *, name: str, role: Role, session: NewSession) -> SignIn:
         params = {
@@ -544,9 +545,7 @@ class PostgresSignIn:
             await self.sessions.sweep_when_due(conn, session.created_at)
             row = await (await conn.execute(_SIGN_IN, params)).fetchone()
         if row is None:  # lost the race to a concurrent first login: its row is committed
-            return await StepwiseSignIn(users=self.users, sessions=self.sessions).sign_in(
-                phone, name=name, role=role, session=session
-            )
+            return await self._two_steps.sign_in(phone, name=name, role=role, session=session)
         opened = None
         if row["opened"]:
             opened = Session(

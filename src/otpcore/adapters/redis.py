@@ -381,6 +381,21 @@ _OUTCOMES = (
 )
 
 
+def _decisions(limits: Sequence[Limit], reply: list[Any], first: int, *, allowed: bool) -> list[RateDecision]:
+    """The decisions of ``limits`` from a script's reply, where each limit's remaining and
+    reset_after follow one another from ``reply[first]`` on."""
+    return [
+        RateDecision(
+            allowed=allowed,
+            limit=limit.requests,
+            remaining=int(reply[first + 2 * i]),
+            reset_after=int(reply[first + 1 + 2 * i]),
+            name=limit.name,
+        )
+        for i, limit in enumerate(limits)
+    ]
+
+
 def _ms(seconds: float) -> int:
     return round(seconds * 1000)
 
@@ -404,17 +419,7 @@ class RedisRateLimiter:
         for limit in limits:
             args += [limit.requests, _ms(limit.window)]
         reply = await self.keyspace.run(self._hit, keys, args)
-        allowed = bool(reply[0])
-        return [
-            RateDecision(
-                allowed=allowed,
-                limit=limit.requests,
-                remaining=int(reply[1 + 2 * i]),
-                reset_after=int(reply[2 + 2 * i]),
-                name=limit.name,
-            )
-            for i, limit in enumerate(limits)
-        ]
+        return _decisions(limits, reply, 1, allowed=bool(reply[0]))
 
     async def ping(self) -> None:
         await self.keyspace.ping()
@@ -453,13 +458,9 @@ class RedisCodeStore:
     ) -> list[RateDecision]:
         if event is not None and self.events is None:
             raise ValueError("this code store has no event bus to publish the send's event to")
-        admitted: list[RateDecision] = []
-        if admission and self.keyspace.is_cluster:
-            # The client's keys live on other slots than the number's: decided first, apart.
-            admitted = await self._limiter.hit(admission)
-            if not admitted[0].allowed:
-                return admitted
-            admission = ()
+        admitted, admission = await self._admit_apart(admission)
+        if admitted and not admitted[0].allowed:
+            return admitted
         now = _ms(self.clock())
         code_key = self.keyspace.key(phone, "code")
         # The event goes in the script, except on a cluster (the stream lives on another slot).
@@ -478,17 +479,9 @@ class RedisCodeStore:
             args += [limit.requests, _ms(limit.window)]
         reply = await self.keyspace.run(self._issue, keys, args)
         status = int(reply[0])
-        limits = [*admission, *([send_limit] if send_limit and status != 0 else [])]
-        decisions = admitted + [
-            RateDecision(
-                allowed=status == 1 or (status == 2 and i < len(admission)),
-                limit=limit.requests,
-                remaining=int(reply[1 + 2 * i]),
-                reset_after=int(reply[2 + 2 * i]),
-                name=limit.name,
-            )
-            for i, limit in enumerate(limits)
-        ]
+        decisions = admitted + _decisions(admission, reply, 1, allowed=status != 0)
+        if send_limit and status != 0:
+            decisions += _decisions([send_limit], reply, 1 + 2 * len(admission), allowed=status == 1)
         if status == 1 and self.events is not None and event is not None and bus is None:
             await self.events.publish(event)
         return decisions
@@ -496,13 +489,9 @@ class RedisCodeStore:
     async def check(
         self, phone: str, digest: bytes, *, failure_budget: Limit, admission: Sequence[Limit] = ()
     ) -> CodeCheck:
-        admitted: list[RateDecision] = []
-        if admission and self.keyspace.is_cluster:
-            # The client's keys live on other slots than the number's: decided first, apart.
-            admitted = await self._limiter.hit(admission)
-            if not admitted[0].allowed:
-                return CodeCheck(outcome=CodeOutcome.REFUSED, admission=admitted)
-            admission = ()
+        admitted, admission = await self._admit_apart(admission)
+        if admitted and not admitted[0].allowed:
+            return CodeCheck(outcome=CodeOutcome.REFUSED, admission=admitted)
         keys = [
             self.keyspace.key(phone, "code"),
             self._limit_key(phone, failure_budget),
@@ -519,19 +508,17 @@ class RedisCodeStore:
             args += [limit.requests, _ms(limit.window)]
         reply = await self.keyspace.run(self._check, keys, args)
         outcome = _OUTCOMES[reply[0]]
-        admitted += [
-            RateDecision(
-                allowed=outcome is not CodeOutcome.REFUSED,
-                limit=limit.requests,
-                remaining=int(reply[3 + 2 * i]),
-                reset_after=int(reply[4 + 2 * i]),
-                name=limit.name,
-            )
-            for i, limit in enumerate(admission)
-        ]
+        admitted += _decisions(admission, reply, 3, allowed=outcome is not CodeOutcome.REFUSED)
         return CodeCheck(
             outcome=outcome, attempts_remaining=int(reply[1]), retry_after=int(reply[2]), admission=admitted
         )
+
+    async def _admit_apart(self, admission: Sequence[Limit]) -> tuple[list[RateDecision], Sequence[Limit]]:
+        """On a cluster the client's keys live on other slots than the number's: their limits
+        are decided first, apart. Returns those decisions and the limits left for the script."""
+        if admission and self.keyspace.is_cluster:
+            return await self._limiter.hit(admission), ()
+        return [], admission
 
     async def ping(self) -> None:
         await self.keyspace.ping()

@@ -62,11 +62,11 @@ class TokenKeys:
         if algorithm not in SUPPORTED_ALGORITHMS:
             raise ValueError(f"JWT_ALGORITHM must be one of {', '.join(SUPPORTED_ALGORITHMS)}")
         self.algorithm = algorithm
+        self.secret = secret.encode()
         self.key: Key
         if algorithm == "HS256":
             if not secret:
                 raise ValueError("JWT_SECRET is required with HS256")
-            self.secret = secret.encode()
             self.key = OctKey.import_key(self.secret)
         else:
             if not private_key_pem:
