@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
 import psycopg
@@ -19,11 +20,13 @@ from otpcore.adapters.postgres import (
     _MIGRATION_LOCK,
     _SEARCH,
     PostgresDatabase,
+    PostgresSessionStore,
     PostgresUserRepo,
     _search_params,
 )
 from otpcore.domain.errors import ServiceUnavailable
 from otpcore.domain.model import Role
+from otpcore.domain.ports import RotationOutcome
 from tests.backends.postgres import create_test_database, drop_test_database
 
 VERSIONS = [version for version, _ in migration_files("postgres")]
@@ -289,3 +292,48 @@ async def test_names_no_user_has_leave_the_search_counts(pg_database) -> None:
     async with pg_database.connection() as conn:
         cursor = await conn.execute("SELECT name_folded, sum(users) FROM user_names GROUP BY 1")
         assert [tuple(row.values()) for row in await cursor.fetchall()] == [("grace", 1)]
+
+
+async def test_sessions_keep_their_tokens_across_migration_0005(fresh_dsn) -> None:
+    """Sessions opened before 0005 (the current token in refresh_tokens) still rotate, and a
+    token they rotated away from is still recognised as reused."""
+    before = VERSIONS[: VERSIONS.index("0005_current_token_in_sessions")]
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE schema_migrations"
+            " (version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for version, script in migration_files("postgres"):
+            if version in before:
+                conn.execute(script.encode())
+                conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+        conn.execute(
+            "INSERT INTO users (phone_number, name, name_folded, role, created_at, updated_at)"
+            " VALUES ('+14155550123', '', '', 'user', now(), now())"
+        )
+        for session, current, rotated in [("s1", b"t1", b"t0"), ("s2", b"u1", b"u0")]:
+            conn.execute(
+                "INSERT INTO sessions (id, user_id, created_at, expires_at)"
+                " VALUES (%s, 1, now(), now() + interval '1 day')",
+                (session,),
+            )
+            conn.execute(
+                "INSERT INTO refresh_tokens (token_hash, session_id, current)"
+                " VALUES (%s, %s, true), (%s, %s, false)",
+                (current, session, rotated, session),
+            )
+    db = PostgresDatabase(fresh_dsn, migrate=False)
+    try:
+        assert await db.migrate() == VERSIONS[len(before) :]
+        sessions = PostgresSessionStore(db)
+        now = datetime.now(UTC)
+        for token in (b"t0", b"t1"):
+            found = await sessions.find(token)
+            assert found is not None and found.id == "s1"
+        rotated = await sessions.rotate(b"t1", b"t2", now=now, expires_at=now + timedelta(days=1))
+        assert rotated.outcome is RotationOutcome.ROTATED
+        reused = await sessions.rotate(b"u0", b"u2", now=now, expires_at=now + timedelta(days=1))
+        assert reused.outcome is RotationOutcome.REUSED
+        assert reused.session is not None and reused.session.id == "s2"
+    finally:
+        await db.close()

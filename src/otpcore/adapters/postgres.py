@@ -376,36 +376,41 @@ class PostgresUserRepo:
 
 _SESSION_COLUMNS = "id, user_id, created_at, expires_at, revoked"
 
-# The session and its first token in one statement.
+# A session row holds its current token's hash (migration 0005); refresh_tokens holds the
+# hashes it rotated away from.
 _CREATE_SESSION = f"""
-WITH session AS (
-    INSERT INTO sessions (id, user_id, created_at, expires_at)
-    VALUES (%(id)s, %(user_id)s, %(now)s, %(expires_at)s)
-    RETURNING {_SESSION_COLUMNS}
-), token AS (
-    INSERT INTO refresh_tokens (token_hash, session_id, current)
-    SELECT %(token_hash)s, id, true FROM session
-)
-SELECT {_SESSION_COLUMNS} FROM session
+INSERT INTO sessions (id, user_id, token_hash, created_at, expires_at)
+VALUES (%(id)s, %(user_id)s, %(token_hash)s, %(now)s, %(expires_at)s)
+RETURNING {_SESSION_COLUMNS}
 """  # noqa: S608 - only constants are interpolated
 
-# Locks the token and its session (FOR UPDATE without OF locks both), so rotations of one
-# family run one after another; one that waited re-reads both rows and sees the token rotated.
-_LOCK_FAMILY = """
-SELECT s.id, s.user_id, s.created_at, s.expires_at, s.revoked, t.current
-FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id
-WHERE t.token_hash = %s
-FOR UPDATE
-"""
+# Locks the session whose current token this is, so rotations of one session run one after
+# another; one that waited finds the token no longer current and looks among the rotated ones.
+_LOCK_CURRENT = f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE token_hash = %s FOR UPDATE"  # noqa: S608
+
+# A token the session rotated away from was presented again: the session is revoked. (Of the
+# session columns only token_hash is in both tables.)
+_REVOKE_REUSED = f"""
+UPDATE sessions s SET revoked = true
+FROM refresh_tokens t
+WHERE t.token_hash = %(token_hash)s AND s.id = t.session_id AND NOT s.revoked AND s.expires_at > %(now)s
+RETURNING {_SESSION_COLUMNS}
+"""  # noqa: S608 - only constants are interpolated
 
 _ROTATE = f"""
 WITH retired AS (
-    UPDATE refresh_tokens SET current = false WHERE token_hash = %(token_hash)s
-), issued AS (
-    INSERT INTO refresh_tokens (token_hash, session_id, current) VALUES (%(new_hash)s, %(id)s, true)
+    INSERT INTO refresh_tokens (token_hash, session_id) VALUES (%(token_hash)s, %(id)s)
 )
-UPDATE sessions SET expires_at = %(expires_at)s WHERE id = %(id)s
+UPDATE sessions SET token_hash = %(new_hash)s, expires_at = %(expires_at)s WHERE id = %(id)s
 RETURNING {_SESSION_COLUMNS}
+"""  # noqa: S608 - only constants are interpolated
+
+_FIND = f"""
+SELECT {_SESSION_COLUMNS} FROM sessions WHERE token_hash = %(token_hash)s
+UNION ALL
+SELECT {_SESSION_COLUMNS}
+FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id WHERE t.token_hash = %(token_hash)s
+LIMIT 1
 """  # noqa: S608 - only constants are interpolated
 
 
@@ -461,15 +466,17 @@ class PostgresSessionStore:
         self, token_hash: bytes, new_hash: bytes, *, now: datetime, expires_at: datetime
     ) -> Rotation:
         async with self.db.connection() as conn, conn.transaction():
-            row = await (await conn.execute(_LOCK_FAMILY, (token_hash,))).fetchone()
-            if row is None or row["revoked"] or row["expires_at"] <= now:
+            row = await (await conn.execute(_LOCK_CURRENT, (token_hash,))).fetchone()
+            if row is None:
+                # Not a current token. A statement of its own, so it sees a rotation of this
+                # token that committed while the lock above waited: that is a reuse too.
+                reuse = {"token_hash": token_hash, "now": now}
+                revoked = await (await conn.execute(_REVOKE_REUSED, reuse)).fetchone()
+                if revoked is None:
+                    return Rotation(outcome=RotationOutcome.INVALID)
+                return Rotation(outcome=RotationOutcome.REUSED, session=_session(revoked))
+            if row["revoked"] or row["expires_at"] <= now:
                 return Rotation(outcome=RotationOutcome.INVALID)
-            if not row["current"]:
-                revoked = await conn.execute(
-                    f"UPDATE sessions SET revoked = true WHERE id = %s RETURNING {_SESSION_COLUMNS}",  # noqa: S608
-                    (row["id"],),
-                )
-                return Rotation(outcome=RotationOutcome.REUSED, session=_session(await _fetch(revoked)))
             params = {
                 "token_hash": token_hash,
                 "new_hash": new_hash,
@@ -480,12 +487,8 @@ class PostgresSessionStore:
             return Rotation(outcome=RotationOutcome.ROTATED, session=_session(await _fetch(rotated)))
 
     async def find(self, token_hash: bytes) -> Session | None:
-        sql = (
-            "SELECT s.id, s.user_id, s.created_at, s.expires_at, s.revoked"
-            " FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id WHERE t.token_hash = %s"
-        )
         async with self.db.connection() as conn:
-            row = await (await conn.execute(sql, (token_hash,))).fetchone()
+            row = await (await conn.execute(_FIND, {"token_hash": token_hash})).fetchone()
         return None if row is None else _session(row)
 
     async def get(self, session_id: str) -> Session | None:
@@ -509,17 +512,14 @@ class PostgresSessionStore:
 
 
 # The user of a number (created if absent, as _GET_OR_CREATE) and, if active, a new session with
-# its first token: a sign-in in one statement. The parent rows are inserted before their
-# children's foreign keys are checked (at the end of the statement). No row back: a concurrent
-# first login won the insert, and the caller takes the two-step path.
+# its first token: a sign-in in one statement. No row back: a concurrent first login won the
+# insert, and the caller takes the two-step path.
 _SIGN_IN = f"""
 WITH {_FIND_OR_CREATE}, session AS (
-    INSERT INTO sessions (id, user_id, created_at, expires_at)
-    SELECT %(session_id)s, id, %(session_created_at)s, %(expires_at)s FROM signed WHERE is_active
+    INSERT INTO sessions (id, user_id, token_hash, created_at, expires_at)
+    SELECT %(session_id)s, id, %(token_hash)s, %(session_created_at)s, %(expires_at)s
+    FROM signed WHERE is_active
     RETURNING id
-), token AS (
-    INSERT INTO refresh_tokens (token_hash, session_id, current)
-    SELECT %(token_hash)s, id, true FROM session
 )
 SELECT signed.*, session.id IS NOT NULL AS opened FROM signed LEFT JOIN session ON true
 """  # noqa: S608 - only constants are interpolated
