@@ -107,6 +107,12 @@ def markdown(results: dict[str, Any]) -> str:
             f"{c.get('redis_cmds_per_req', 'n/a')} | {c.get('pg_statements_per_req', 'n/a')} | "
             f"{run['errors']['status']} |"
         )
+    short = [name for name in WORKLOADS if load.get(name, {}).get("ran_out_threads")]
+    if short:
+        lines += [
+            "",
+            f"**{', '.join(short)} ran out of requests before the end: the req/s above is understated.**",
+        ]
     runs = ", ".join(f"{r['rps']:.0f}" for r in results.get("ceiling_runs", []))
     lines += [
         "",

@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--count", type=int, default=200, help="requests per endpoint when counting")
     p.add_argument("--profile-users", type=int, default=1000, help="users in the profile mix")
     p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of the profile mix")
-    p.add_argument("--verify-codes", type=int, default=30_000, help="most verify-otp requests per run")
+    p.add_argument("--verify-codes", type=int, default=110_000, help="test numbers for verify-otp (all runs)")
     p.add_argument("--search-samples", type=int, default=100, help="timed searches per kind")
     p.add_argument(
         "--py-spy",
@@ -495,11 +495,20 @@ class Bench:
                 log("warning: priming did not finish in time; some verify-otp codes are missing")
             return path
 
+        # A verification does all a send does and more, so codes for the send rate cannot run
+        # out during the trial: a trial that runs out understates the rate it sizes the run by.
+        trial_seconds = 2
+        trial_codes = prime(math.ceil(send_rps * trial_seconds) + 500)
         trial = self.wrk(
-            server.url, "listed", ["verify", str(prime(2000)), str(args.threads), TEST_CODE], duration=3
+            server.url,
+            "listed",
+            ["verify", str(trial_codes), str(args.threads), TEST_CODE],
+            duration=trial_seconds,
         )
-        # The trial starts cold: leave a wide margin (a run that runs out says so).
-        want = math.ceil(3 * trial.rps * args.duration) + 1000
+        if trial.ran_out_threads:
+            log("warning: the verify-otp trial ran out of codes; the run may too")
+        # The trial starts cold: leave a margin (a run that runs out says so).
+        want = math.ceil(1.5 * trial.rps * args.duration) + 1000
         if want > len(numbers):
             log(f"warning: verify-otp may need {want} codes, only {len(numbers)} left; raise --verify-codes")
         path = prime(want)
