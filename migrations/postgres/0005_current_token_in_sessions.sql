@@ -8,9 +8,10 @@ UPDATE sessions s SET token_hash = t.token_hash
 FROM refresh_tokens t
 WHERE t.session_id = s.id AND t.current;
 
--- Every session has had a current token since 0001; should one lack it, a hash that no token
--- has keeps the session (its access tokens stay valid) without a refresh token to present.
-UPDATE sessions SET token_hash = sha256(convert_to(id || random()::text, 'UTF8'))
+-- Every session has had a current token since 0001; should one lack it, a value that no
+-- token's hash can equal (a hash is 32 bytes, this is longer) keeps the session (its access
+-- tokens stay valid) with no refresh token to present.
+UPDATE sessions SET token_hash = convert_to('no-token:' || id, 'UTF8')
 WHERE token_hash IS NULL;
 
 DELETE FROM refresh_tokens WHERE current;

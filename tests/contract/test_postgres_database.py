@@ -296,7 +296,8 @@ async def test_names_no_user_has_leave_the_search_counts(pg_database) -> None:
 
 async def test_sessions_keep_their_tokens_across_migration_0005(fresh_dsn) -> None:
     """Sessions opened before 0005 (the current token in refresh_tokens) still rotate, and a
-    token they rotated away from is still recognised as reused."""
+    token they rotated away from is still recognised as reused. A session without a current
+    token (none should exist) keeps living, with a stored value no token's hash can equal."""
     before = VERSIONS[: VERSIONS.index("0005_current_token_in_sessions")]
     with psycopg.connect(fresh_dsn, autocommit=True) as conn:
         conn.execute(
@@ -322,6 +323,10 @@ async def test_sessions_keep_their_tokens_across_migration_0005(fresh_dsn) -> No
                 " VALUES (%s, %s, true), (%s, %s, false)",
                 (current, session, rotated, session),
             )
+        conn.execute(
+            "INSERT INTO sessions (id, user_id, created_at, expires_at)"
+            " VALUES ('s3', 1, now(), now() + interval '1 day')"
+        )
     db = PostgresDatabase(fresh_dsn, migrate=False)
     try:
         assert await db.migrate() == VERSIONS[len(before) :]
@@ -335,5 +340,10 @@ async def test_sessions_keep_their_tokens_across_migration_0005(fresh_dsn) -> No
         reused = await sessions.rotate(b"u0", b"u2", now=now, expires_at=now + timedelta(days=1))
         assert reused.outcome is RotationOutcome.REUSED
         assert reused.session is not None and reused.session.id == "s2"
+        tokenless = await sessions.get("s3")
+        assert tokenless is not None and not tokenless.revoked
+        async with db.connection() as conn:
+            cursor = await conn.execute("SELECT length(token_hash) AS n FROM sessions WHERE id = 's3'")
+            assert await cursor.fetchone() != {"n": 32}  # the length of every token's hash
     finally:
         await db.close()
