@@ -23,6 +23,7 @@ from otpcore.adapters.postgres import (
     PostgresSessionStore,
     PostgresUserRepo,
     _search_params,
+    apply_postgres,
 )
 from otpcore.domain.errors import ServiceUnavailable
 from otpcore.domain.model import Role
@@ -298,37 +299,30 @@ async def test_sessions_keep_their_tokens_across_migration_0005(fresh_dsn) -> No
     """Sessions opened before 0005 (the current token in refresh_tokens) still rotate, and a
     token they rotated away from is still recognised as reused. A session without a current
     token (none should exist) keeps living, with a stored value no token's hash can equal."""
-    before = VERSIONS[: VERSIONS.index("0005_current_token_in_sessions")]
-    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
-        conn.execute(
-            "CREATE TABLE schema_migrations"
-            " (version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        for version, script in migration_files("postgres"):
-            if version in before:
-                conn.execute(script.encode())
-                conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
-        conn.execute(
-            "INSERT INTO users (phone_number, name, name_folded, role, created_at, updated_at)"
-            " VALUES ('+14155550123', '', '', 'user', now(), now())"
-        )
-        for session, current, rotated in [("s1", b"t1", b"t0"), ("s2", b"u1", b"u0")]:
-            conn.execute(
-                "INSERT INTO sessions (id, user_id, created_at, expires_at)"
-                " VALUES (%s, 1, now(), now() + interval '1 day')",
-                (session,),
-            )
-            conn.execute(
-                "INSERT INTO refresh_tokens (token_hash, session_id, current)"
-                " VALUES (%s, %s, true), (%s, %s, false)",
-                (current, session, rotated, session),
-            )
-        conn.execute(
-            "INSERT INTO sessions (id, user_id, created_at, expires_at)"
-            " VALUES ('s3', 1, now(), now() + interval '1 day')"
-        )
+    before = migration_files("postgres")[: VERSIONS.index("0005_current_token_in_sessions")]
     db = PostgresDatabase(fresh_dsn, migrate=False)
     try:
+        async with db.connection() as conn:
+            await apply_postgres(conn, before)
+            await conn.execute(
+                "INSERT INTO users (phone_number, name, name_folded, role, created_at, updated_at)"
+                " VALUES ('+14155550123', '', '', 'user', now(), now())"
+            )
+            for session, current, rotated in [("s1", b"t1", b"t0"), ("s2", b"u1", b"u0")]:
+                await conn.execute(
+                    "INSERT INTO sessions (id, user_id, created_at, expires_at)"
+                    " VALUES (%s, 1, now(), now() + interval '1 day')",
+                    (session,),
+                )
+                await conn.execute(
+                    "INSERT INTO refresh_tokens (token_hash, session_id, current)"
+                    " VALUES (%s, %s, true), (%s, %s, false)",
+                    (current, session, rotated, session),
+                )
+            await conn.execute(
+                "INSERT INTO sessions (id, user_id, created_at, expires_at)"
+                " VALUES ('s3', 1, now(), now() + interval '1 day')"
+            )
         assert await db.migrate() == VERSIONS[len(before) :]
         sessions = PostgresSessionStore(db)
         now = datetime.now(UTC)

@@ -17,7 +17,7 @@ import math
 import select
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -43,8 +43,9 @@ CHECK_AFTER_IDLE = 10.0
 _MIGRATION_LOCK = 0x6F74705F6D696772
 
 
-async def apply_postgres(conn: Connection) -> list[str]:
+async def apply_postgres(conn: Connection, files: Sequence[tuple[str, str]] | None = None) -> list[str]:
     """Apply the pending Postgres migrations in one transaction; returns the versions applied.
+    ``files``: (version, sql) to apply instead of all of ``migration_files("postgres")``.
 
     The advisory lock comes first, before even creating the bookkeeping table, so instances
     migrating at once run one after the other and the later one finds nothing left to do.
@@ -60,7 +61,7 @@ async def apply_postgres(conn: Connection) -> list[str]:
         )
         cursor = await conn.execute("SELECT version FROM schema_migrations")
         done = {row["version"] for row in await cursor.fetchall()}
-        for version, sql in migration_files("postgres"):
+        for version, sql in migration_files("postgres") if files is None else files:
             if version in done:
                 continue
             # Without parameters psycopg sends the whole file as one simple query.
