@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -121,7 +123,12 @@ class Container(containers.DeclarativeContainer):
     event_bus = providers.Selector(
         settings.provided.fast_store,
         memory=providers.Singleton(MemoryEventBus),
-        redis=providers.Singleton(RedisEventBus, redis, stream=settings.provided.events_redis_channel),
+        redis=providers.Singleton(
+            RedisEventBus,
+            redis,
+            stream=settings.provided.events_redis_channel,
+            batch_size=settings.provided.events_batch_size,
+        ),
     )
     rate_limiter = providers.Selector(
         settings.provided.fast_store,
@@ -314,6 +321,10 @@ class Core:
         self.telemetry.shutdown()
         if self.settings.storage != "memory":
             await self._database().close()
+        if isinstance(self.events, RedisEventBus):  # appends in flight, before the client goes
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.events_flush_interval):
+                    await self.events.drain()
         if self.settings.fast_store == "redis":
             await self.container.redis().aclose()
         if self.settings.otp_sender == "webhook":

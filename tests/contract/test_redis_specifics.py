@@ -138,6 +138,84 @@ async def test_one_round_trip_per_decision(server, server_keyspace, clock) -> No
         assert await _monitored(server, operation) == ["evalsha"], operation.__name__
 
 
+def _sign_in_events(n: int) -> list[Event]:
+    """The three events a sign-in publishes together, numbered ``n``."""
+    return [Event(event_type="user:authenticated", data={"n": n, "i": i}) for i in range(3)]
+
+
+async def _publish_together(bus: RedisEventBus, count: int) -> list[list[Event]]:
+    published = [_sign_in_events(n) for n in range(count)]
+    await asyncio.gather(*(bus.publish(*events) for events in published))
+    return published
+
+
+async def test_publishers_that_arrive_together_share_one_append(server, server_keyspace) -> None:
+    bus = RedisEventBus(server_keyspace)
+    await bus.publish(*_sign_in_events(-1))  # the first append loads the script
+
+    published: list[list[Event]] = []
+
+    async def twenty_sign_ins() -> None:
+        published.extend(await _publish_together(bus, 20))
+
+    assert await _monitored(server, twenty_sign_ins) == ["evalsha"]
+    stored = [e.event_id for e in (await bus.read_all())[3:]]
+    assert stored == [e.event_id for events in published for e in events]  # whole, in call order
+
+
+async def test_an_append_carries_at_most_the_batch_size_and_never_splits_a_publish(
+    server, server_keyspace
+) -> None:
+    bus = RedisEventBus(server_keyspace, batch_size=7)
+    await bus.publish(*_sign_in_events(-1))
+    appended: list[list[Event]] = []
+
+    async def sign_ins() -> None:
+        appended.extend(await _publish_together(bus, 10))  # 30 events: appends of 2 sign-ins (6)
+
+    assert await _monitored(server, sign_ins) == ["evalsha"] * 5
+    big = [Event(event_type="otp:verified", data={"i": i}) for i in range(9)]
+    assert await _monitored(server, lambda: bus.publish(*big)) == ["evalsha"]  # 9 > 7, one append
+    stored = [e.event_id for e in (await bus.read_all())[3:]]
+    assert stored == [e.event_id for events in [*appended, big] for e in events]
+
+
+async def test_a_failed_append_fails_each_of_its_publishers_and_the_next_one_works(server_keyspace) -> None:
+    bus = RedisEventBus(server_keyspace)
+    await server_keyspace.client.set(bus.stream, "not a stream")  # every XADD now fails
+    results = await asyncio.gather(
+        *(bus.publish(*events) for events in [_sign_in_events(n) for n in range(5)]),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, redis.exceptions.ResponseError) for r in results), results
+    await server_keyspace.client.delete(bus.stream)
+    await bus.publish(*_sign_in_events(5))
+    assert [e.data["n"] for e in await bus.read_all()] == [5, 5, 5]
+
+
+async def test_a_publisher_that_gives_up_does_not_hold_back_the_others(server_keyspace) -> None:
+    bus = RedisEventBus(server_keyspace)
+    first = asyncio.create_task(bus.publish(*_sign_in_events(0)))
+    gone = asyncio.create_task(bus.publish(*_sign_in_events(1)))
+    last = asyncio.create_task(bus.publish(*_sign_in_events(2)))
+    await asyncio.sleep(0)  # all three are queued
+    gone.cancel()
+    await asyncio.wait_for(asyncio.gather(first, last), timeout=10)
+    assert gone.cancelled()
+    stored = {e.data["n"] for e in await bus.read_all()}
+    assert {0, 2} <= stored
+
+
+async def test_drain_returns_once_the_appends_in_flight_are_stored(server_keyspace) -> None:
+    bus = RedisEventBus(server_keyspace)
+    publishing = asyncio.create_task(bus.publish(*_sign_in_events(0)))
+    await asyncio.sleep(0)  # queued: its append is on its way
+    await asyncio.wait_for(bus.drain(), timeout=10)
+    assert [e.data["n"] for e in await bus.read_all()] == [0, 0, 0]
+    await publishing
+    await bus.drain()  # nothing in flight: returns at once
+
+
 async def _fails_fast(keyspace: RedisKeyspace) -> None:
     store, limiter = RedisCodeStore(keyspace), RedisRateLimiter(keyspace)
     bus = RedisEventBus(keyspace)

@@ -11,6 +11,7 @@ one client IP) on one Redis Cluster slot, so each script's keys are on one node.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import itertools
 import math
@@ -396,6 +397,16 @@ def _decisions(limits: Sequence[Limit], reply: list[Any], first: int, *, allowed
     ]
 
 
+def _settle(futures: Sequence[asyncio.Future[None]], error: Exception | None) -> None:
+    for future in futures:
+        if future.done():
+            continue  # cancelled: its publisher is gone
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+
 def _ms(seconds: float) -> int:
     return round(seconds * 1000)
 
@@ -537,25 +548,77 @@ return #ARGV - 1
 
 
 class RedisEventBus:
-    """Events on a Redis Stream, trimmed to about ``max_len``; consumer groups read it."""
+    """Events on a Redis Stream, trimmed to about ``max_len``; consumer groups read it.
+
+    Appends are group commits: ``publish`` returns once its events are in the stream, and the
+    publishers that arrive while an append is in flight go together in the next one (at most
+    ``batch_size`` events, never splitting one publish). Nothing waits to fill a batch, so an
+    idle bus appends at once; under load one command carries several sign-ins' events.
+    """
 
     FIELD = b"event"
 
-    def __init__(self, keyspace: RedisKeyspace, *, stream: str = "events", max_len: int = 100_000) -> None:
+    def __init__(
+        self,
+        keyspace: RedisKeyspace,
+        *,
+        stream: str = "events",
+        max_len: int = 100_000,
+        batch_size: int = 100,
+    ) -> None:
         self.keyspace = keyspace
         self.stream = f"{keyspace.prefix}:{{{stream}}}"
         self.max_len = max_len
+        self.batch_size = max(1, batch_size)
         self._decoder = msgspec.json.Decoder(Event)
         self._append = keyspace.script(_APPEND)
+        self._queued: collections.deque[tuple[list[bytes], asyncio.Future[None]]] = collections.deque()
+        self._appender: asyncio.Task[None] | None = None
 
     async def publish(self, *events: Event) -> None:
-        """Append ``events``: one command, a plain XADD for one, one script for several."""
-        payloads = [msgspec.json.encode(event) for event in events]
+        """Append ``events`` together (in one command with other publishers' when they queue)."""
+        if not events:
+            return
+        appended = asyncio.get_running_loop().create_future()
+        self._queued.append(([msgspec.json.encode(event) for event in events], appended))
+        if self._appender is None:
+            self._appender = asyncio.create_task(self._append_queued())
+        await appended
+
+    async def _append_queued(self) -> None:
+        batch: list[asyncio.Future[None]] = []
+        try:
+            while self._queued:
+                payloads, appended = self._queued.popleft()
+                batch = [appended]
+                while self._queued and len(payloads) + len(self._queued[0][0]) <= self.batch_size:
+                    more, appended = self._queued.popleft()
+                    payloads += more
+                    batch.append(appended)
+                try:
+                    await self._send(payloads)
+                except Exception as exc:
+                    _settle(batch, exc)
+                else:
+                    _settle(batch, None)
+        finally:
+            # Cancelled (the loop is closing): whoever still waits hears that nothing was stored.
+            stranded = [f for f in batch + [appended for _, appended in self._queued] if not f.done()]
+            self._queued.clear()
+            self._appender = None
+            _settle(stranded, ServiceUnavailable("the event bus stopped before appending"))
+
+    async def _send(self, payloads: list[bytes]) -> None:
         if len(payloads) == 1:
             trim = ("MAXLEN", "~", self.max_len)
             await self.keyspace.call("XADD", self.stream, *trim, "*", self.FIELD, payloads[0])
-        elif payloads:
+        else:
             await self.keyspace.run(self._append, [self.stream], [self.max_len, *payloads])
+
+    async def drain(self) -> None:
+        """Wait for the appends still in flight (on shutdown); cancelling the wait leaves them be."""
+        if self._appender is not None:
+            await asyncio.wait([self._appender])
 
     async def read_all(self) -> list[Event]:
         """Every event the stream holds, oldest first (for tests and tools)."""
