@@ -321,14 +321,23 @@ class Core:
         self.telemetry.shutdown()
         if self.settings.storage != "memory":
             await self._database().close()
-        if isinstance(self.events, RedisEventBus):  # appends in flight, before the client goes
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.events_flush_interval):
-                    await self.events.drain()
+        await self._close_event_buses()  # before the Redis client goes
         if self.settings.fast_store == "redis":
             await self.container.redis().aclose()
         if self.settings.otp_sender == "webhook":
             await self.container.code_sender().aclose()
+
+    async def _close_event_buses(self) -> None:
+        """Let appends in flight finish, EVENTS_FLUSH_INTERVAL at most, then stop the buses."""
+        sender = self.container.code_sender()
+        jobs = sender.stream if isinstance(sender, QueuedCodeSender) else None
+        buses = [bus for bus in (self.events, jobs) if isinstance(bus, RedisEventBus)]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.events_flush_interval):
+                for bus in buses:
+                    await bus.drain()
+        for bus in buses:
+            await bus.aclose()
 
     async def __aenter__(self) -> Core:
         return self

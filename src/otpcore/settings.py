@@ -289,7 +289,13 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
             problems.append(f"JWT_ALGORITHM must be one of {', '.join(SUPPORTED_ALGORITHMS)}")
         if self.jwt_algorithm != "HS256" and not self.jwt_private_key_file:
             problems.append(f"JWT_PRIVATE_KEY_FILE is required with JWT_ALGORITHM={self.jwt_algorithm}")
-        for name in ("otp_max_attempts", "otp_max_failed_per_phone", "jwt_expiry", "otp_expiry"):
+        for name in (
+            "otp_max_attempts",
+            "otp_max_failed_per_phone",
+            "jwt_expiry",
+            "otp_expiry",
+            "events_batch_size",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name.upper()} must be positive")
         for kind in ("global", "auth", "otp", "user"):

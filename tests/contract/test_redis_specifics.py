@@ -166,7 +166,7 @@ async def test_publishers_that_arrive_together_share_one_append(server, server_k
 async def test_an_append_carries_at_most_the_batch_size_and_never_splits_a_publish(
     server, server_keyspace
 ) -> None:
-    bus = RedisEventBus(server_keyspace, batch_size=7)
+    bus = RedisEventBus(server_keyspace, batch_size=6)
     await bus.publish(*_sign_in_events(-1))
     appended: list[list[Event]] = []
 
@@ -175,7 +175,7 @@ async def test_an_append_carries_at_most_the_batch_size_and_never_splits_a_publi
 
     assert await _monitored(server, sign_ins) == ["evalsha"] * 5
     big = [Event(event_type="otp:verified", data={"i": i}) for i in range(9)]
-    assert await _monitored(server, lambda: bus.publish(*big)) == ["evalsha"]  # 9 > 7, one append
+    assert await _monitored(server, lambda: bus.publish(*big)) == ["evalsha"]  # 9 > 6, one append
     stored = [e.event_id for e in (await bus.read_all())[3:]]
     assert stored == [e.event_id for events in [*appended, big] for e in events]
 
@@ -187,33 +187,94 @@ async def test_a_failed_append_fails_each_of_its_publishers_and_the_next_one_wor
         *(bus.publish(*events) for events in [_sign_in_events(n) for n in range(5)]),
         return_exceptions=True,
     )
-    assert all(isinstance(r, redis.exceptions.ResponseError) for r in results), results
+    assert all(isinstance(r, ServiceUnavailable) for r in results), results
+    assert all(isinstance(r.__cause__, redis.exceptions.ResponseError) for r in results)
+    assert len({id(r) for r in results}) == 5  # each request raises an exception of its own
     await server_keyspace.client.delete(bus.stream)
     await bus.publish(*_sign_in_events(5))
     assert [e.data["n"] for e in await bus.read_all()] == [5, 5, 5]
 
 
-async def test_a_publisher_that_gives_up_does_not_hold_back_the_others(server_keyspace) -> None:
+async def test_when_an_append_fails_those_queued_behind_it_fail_with_it() -> None:
+    # Connections are accepted (by the kernel) and then nothing is ever read or written.
+    silent = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    keyspace = RedisKeyspace.from_url(f"redis://127.0.0.1:{port}/0", cluster=False, timeout=0.5)
+    bus = RedisEventBus(keyspace, batch_size=3)
+    sends: list[list[bytes]] = []
+    send = bus._send
+
+    async def counted(payloads: list[bytes]) -> None:
+        sends.append(payloads)
+        await send(payloads)
+
+    bus._send = counted  # type: ignore[method-assign]
+    async with silent:
+        try:
+            first = asyncio.create_task(bus.publish(*_sign_in_events(0)))
+            await asyncio.sleep(0.1)  # its append is waiting for an answer
+            queued = [asyncio.create_task(bus.publish(*_sign_in_events(n))) for n in range(1, 11)]
+            results = await asyncio.wait_for(asyncio.gather(first, *queued, return_exceptions=True), 10)
+        finally:
+            await keyspace.aclose()
+    assert all(isinstance(r, ServiceUnavailable) for r in results), results
+    assert len(sends) == 1  # not ten more appends, one timeout after another
+
+
+async def test_a_publisher_that_gives_up_before_its_append_is_left_out(server_keyspace) -> None:
     bus = RedisEventBus(server_keyspace)
     first = asyncio.create_task(bus.publish(*_sign_in_events(0)))
     gone = asyncio.create_task(bus.publish(*_sign_in_events(1)))
     last = asyncio.create_task(bus.publish(*_sign_in_events(2)))
-    await asyncio.sleep(0)  # all three are queued
+    await asyncio.sleep(0)  # all three are queued; the append has not started
     gone.cancel()
     await asyncio.wait_for(asyncio.gather(first, last), timeout=10)
     assert gone.cancelled()
-    stored = {e.data["n"] for e in await bus.read_all()}
-    assert {0, 2} <= stored
+    assert [e.data["n"] for e in await bus.read_all()] == [0, 0, 0, 2, 2, 2]
+
+
+class _HeldSends:
+    """Makes a bus's appends wait until released."""
+
+    def __init__(self, bus: RedisEventBus) -> None:
+        self.started, self.release = asyncio.Event(), asyncio.Event()
+        send = bus._send
+
+        async def held(payloads: list[bytes]) -> None:
+            self.started.set()
+            await self.release.wait()
+            await send(payloads)
+
+        bus._send = held  # type: ignore[method-assign]
 
 
 async def test_drain_returns_once_the_appends_in_flight_are_stored(server_keyspace) -> None:
     bus = RedisEventBus(server_keyspace)
+    held = _HeldSends(bus)
     publishing = asyncio.create_task(bus.publish(*_sign_in_events(0)))
-    await asyncio.sleep(0)  # queued: its append is on its way
-    await asyncio.wait_for(bus.drain(), timeout=10)
-    assert [e.data["n"] for e in await bus.read_all()] == [0, 0, 0]
-    await publishing
+    await asyncio.wait_for(held.started.wait(), 10)
+    draining = asyncio.create_task(bus.drain())
+    await asyncio.sleep(0.05)
+    assert not draining.done()  # the append is still in flight
+    held.release.set()
+    await asyncio.wait_for(draining, 10)
+    assert publishing.done() and [e.data["n"] for e in await bus.read_all()] == [0, 0, 0]
     await bus.drain()  # nothing in flight: returns at once
+
+
+async def test_closing_the_bus_tells_the_waiting_publishers_and_a_later_publish_works(
+    server_keyspace,
+) -> None:
+    bus = RedisEventBus(server_keyspace)
+    held = _HeldSends(bus)
+    publishing = asyncio.create_task(bus.publish(*_sign_in_events(0)))
+    await asyncio.wait_for(held.started.wait(), 10)
+    await asyncio.wait_for(bus.aclose(), 10)
+    with pytest.raises(ServiceUnavailable):
+        await publishing
+    held.release.set()
+    await asyncio.wait_for(bus.publish(*_sign_in_events(1)), 10)  # a new appender starts
+    assert [e.data["n"] for e in await bus.read_all()] == [1, 1, 1]
 
 
 async def _fails_fast(keyspace: RedisKeyspace) -> None:

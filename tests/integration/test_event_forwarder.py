@@ -196,3 +196,19 @@ def test_event_webhook_settings_are_checked() -> None:
     with pytest.raises(SettingsError, match="EVENTS_WEBHOOK_URL must be"):
         Settings(redis_url="redis://r", events_webhook_secret=SECRET)
     assert Settings().event_forwarding == "off"
+
+
+async def test_events_batch_size_reaches_the_bus_and_must_be_positive(redis_keyspace) -> None:
+    settings = Settings(
+        db_provider="memory",
+        otp_sender="memory",
+        redis_url=redis_url(),
+        otp_redis_key_prefix=redis_keyspace.prefix,
+        events_batch_size=7,
+        jwt_secret="f" * 40,
+    )
+    core = build_core(settings)
+    assert isinstance(core.events, RedisEventBus) and core.events.batch_size == 7
+    await core.aclose()
+    with pytest.raises(SettingsError, match="EVENTS_BATCH_SIZE must be positive"):
+        Settings(events_batch_size=0)

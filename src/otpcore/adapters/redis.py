@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import hashlib
 import itertools
 import math
@@ -35,6 +36,8 @@ from otpcore.domain.ports import CodeCheck, CodeOutcome, Limit, RateDecision
 
 Clock = Callable[[], float]
 T = TypeVar("T")
+# A publish waiting for its append: its encoded events, and what it awaits.
+_Queued = tuple[list[bytes], "asyncio.Future[None]"]
 
 # A PING before reusing a connection idle this long finds connections a restart left dead.
 HEALTH_CHECK_INTERVAL = 10
@@ -397,14 +400,16 @@ def _decisions(limits: Sequence[Limit], reply: list[Any], first: int, *, allowed
     ]
 
 
-def _settle(futures: Sequence[asyncio.Future[None]], error: Exception | None) -> None:
-    for future in futures:
-        if future.done():
-            continue  # cancelled: its publisher is gone
-        if error is None:
-            future.set_result(None)
-        else:
-            future.set_exception(error)
+def _fail(batch: Sequence[_Queued], error: Exception) -> None:
+    """Fail each waiting publisher of ``batch`` with a ServiceUnavailable of its own (one
+    exception object raised in many requests would gather all their tracebacks)."""
+    unavailable = isinstance(error, ServiceUnavailable)
+    for _, appended in batch:
+        if appended.done():
+            continue  # its publisher gave up
+        own = ServiceUnavailable(error.message if isinstance(error, ServiceUnavailable) else None)
+        own.__cause__ = error.__cause__ if unavailable else error
+        appended.set_exception(own)
 
 
 def _ms(seconds: float) -> int:
@@ -569,10 +574,12 @@ class RedisEventBus:
         self.keyspace = keyspace
         self.stream = f"{keyspace.prefix}:{{{stream}}}"
         self.max_len = max_len
-        self.batch_size = max(1, batch_size)
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.batch_size = batch_size
         self._decoder = msgspec.json.Decoder(Event)
         self._append = keyspace.script(_APPEND)
-        self._queued: collections.deque[tuple[list[bytes], asyncio.Future[None]]] = collections.deque()
+        self._queued: collections.deque[_Queued] = collections.deque()
         self._appender: asyncio.Task[None] | None = None
 
     async def publish(self, *events: Event) -> None:
@@ -581,32 +588,53 @@ class RedisEventBus:
             return
         appended = asyncio.get_running_loop().create_future()
         self._queued.append(([msgspec.json.encode(event) for event in events], appended))
-        if self._appender is None:
-            self._appender = asyncio.create_task(self._append_queued())
+        if self._appender is None or self._appender.done():
+            # A context of its own: the batches it appends are no one request's (trace, log ids).
+            self._appender = asyncio.create_task(self._append_queued(), context=contextvars.Context())
         await appended
 
+    def _take(self) -> list[_Queued]:
+        """The next batch: queued publishes in order, whole, up to ``batch_size`` events (one
+        larger publish goes alone). Publishers that gave up, or wait on another (closed) event
+        loop, are dropped: nobody would hear that their events were stored."""
+        loop = asyncio.get_running_loop()
+        batch: list[_Queued] = []
+        size = 0
+        while self._queued:
+            payloads, appended = self._queued[0]
+            if appended.done() or appended.get_loop() is not loop:
+                self._queued.popleft()
+                continue
+            if batch and size + len(payloads) > self.batch_size:
+                break
+            batch.append(self._queued.popleft())
+            size += len(payloads)
+        return batch
+
     async def _append_queued(self) -> None:
-        batch: list[asyncio.Future[None]] = []
+        batch: list[_Queued] = []
         try:
-            while self._queued:
-                payloads, appended = self._queued.popleft()
-                batch = [appended]
-                while self._queued and len(payloads) + len(self._queued[0][0]) <= self.batch_size:
-                    more, appended = self._queued.popleft()
-                    payloads += more
-                    batch.append(appended)
+            while batch := self._take():
                 try:
-                    await self._send(payloads)
+                    await self._send([payload for payloads, _ in batch for payload in payloads])
                 except Exception as exc:
-                    _settle(batch, exc)
+                    if isinstance(exc, ServiceUnavailable):
+                        # Those queued meanwhile hear it too, rather than each waiting out a
+                        # timeout of its own, batch after batch; a later publish tries afresh.
+                        batch += self._queued
+                        self._queued.clear()
+                    _fail(batch, exc)
                 else:
-                    _settle(batch, None)
+                    for _, appended in batch:
+                        if not appended.done():
+                            appended.set_result(None)
+            batch = []
         finally:
-            # Cancelled (the loop is closing): whoever still waits hears that nothing was stored.
-            stranded = [f for f in batch + [appended for _, appended in self._queued] if not f.done()]
+            # Cancelled (shutdown): the batch in flight may or may not have been stored.
+            stranded = batch + list(self._queued)
             self._queued.clear()
-            self._appender = None
-            _settle(stranded, ServiceUnavailable("the event bus stopped before appending"))
+            if stranded:
+                _fail(stranded, ServiceUnavailable("the event bus stopped before its append was confirmed"))
 
     async def _send(self, payloads: list[bytes]) -> None:
         if len(payloads) == 1:
@@ -617,7 +645,13 @@ class RedisEventBus:
 
     async def drain(self) -> None:
         """Wait for the appends still in flight (on shutdown); cancelling the wait leaves them be."""
-        if self._appender is not None:
+        if self._appender is not None and not self._appender.done():
+            await asyncio.wait([self._appender])
+
+    async def aclose(self) -> None:
+        """Stop appending: an append still in flight is cancelled, its publishers told so."""
+        if self._appender is not None and not self._appender.done():
+            self._appender.cancel()
             await asyncio.wait([self._appender])
 
     async def read_all(self) -> list[Event]:
