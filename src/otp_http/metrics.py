@@ -29,7 +29,7 @@ def record_response(
     path = path_template or "unmatched"
     method = method if method in _METHODS else "OTHER"
     telemetry.add("http_requests", method=method, path=path, status_code=str(status))
-    telemetry.duration.record(elapsed, {"method": method, "path": path})
+    telemetry.duration.record(elapsed, method, path)
     operation = _OTP_OPERATIONS.get(path)
     if operation and status != 429:
         telemetry.add("otp_operations", operation=operation, success=str(status < 400).lower())

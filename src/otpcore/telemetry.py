@@ -1,4 +1,5 @@
-"""Metrics through the OpenTelemetry SDK, exposed in Prometheus text by its exporter.
+"""Metrics through the OpenTelemetry SDK, exposed in Prometheus text by its exporter; the
+request duration histogram goes straight into the same Prometheus registry (see Durations).
 
 ``Telemetry`` is the production ``Counters`` adapter and also holds the HTTP layer's
 instruments. Each Core owns its registry, so several in one process (tests) never mix counts.
@@ -8,11 +9,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 # Seconds: the SDK's default buckets are sized for milliseconds.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -40,12 +42,7 @@ class Telemetry:
         self.provider = MeterProvider(metric_readers=[self.reader], exemplar_filter=AlwaysOffExemplarFilter())
         self.meter = self.provider.get_meter("otp-server")
         self._counts: dict[str, defaultdict[Labels, int]] = {}
-        self.duration = self.meter.create_histogram(
-            "http_request_duration_seconds",
-            unit="s",
-            description="HTTP request duration",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-        )
+        self.duration = Durations(self.registry)
 
     def add(self, name: str, /, **labels: str) -> None:
         # A synchronous OTel counter costs ~12 µs per add (it validates and hashes the labels each
@@ -64,6 +61,32 @@ class Telemetry:
 
     def shutdown(self) -> None:
         self.provider.shutdown()
+
+
+class Durations:
+    """The HTTP request duration histogram, straight in the Prometheus registry.
+
+    An OTel histogram record costs ~6 µs here (a measurement object, attribute checks, view
+    matching, a lock), about 3 % of a cached profile read; the SDK has no observable histogram
+    to defer it to, as the counters do. prometheus_client's own histogram, with each label
+    set's child kept, costs ~1 µs and exports the same series (without OTel's scope labels).
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._histogram = Histogram(
+            "http_request_duration_seconds",
+            "HTTP request duration",
+            ["method", "path"],
+            registry=registry,
+            buckets=DURATION_BUCKETS,
+        )
+        self._children: dict[tuple[str, str], Any] = {}
+
+    def record(self, seconds: float, method: str, path: str) -> None:
+        child = self._children.get((method, path))
+        if child is None:
+            child = self._children[method, path] = self._histogram.labels(method, path)
+        child.observe(seconds)
 
 
 def _observe(counts: dict[Labels, int]) -> Callable[[CallbackOptions], Iterable[Observation]]:

@@ -42,8 +42,8 @@ def test_registries_of_two_instances_do_not_mix() -> None:
 
 def test_duration_histogram_in_seconds() -> None:
     telemetry = Telemetry()
-    telemetry.duration.record(0.003, {"method": "GET", "path": "/health"})
-    telemetry.duration.record(0.2, {"method": "GET", "path": "/health"})
+    telemetry.duration.record(0.003, "GET", "/health")
+    telemetry.duration.record(0.2, "GET", "/health")
     text = telemetry.render().decode()
     assert "# TYPE http_request_duration_seconds histogram" in text
     health = frozenset({("method", "GET"), ("path", "/health")})
