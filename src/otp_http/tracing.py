@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
 from otpcore import SettingsError
-from otpcore.adapters import redis_wire
+from otpcore.adapters import pg_prepared, redis_wire
 
 
 def _exporter(name: str) -> SpanExporter:
@@ -47,6 +47,7 @@ def configure_tracing(environ: Mapping[str, str] = os.environ) -> TracerProvider
     RedisInstrumentor().instrument(tracer_provider=provider)
     redis_wire.instrument(provider)
     PsycopgInstrumentor().instrument(tracer_provider=provider)
+    pg_prepared.instrument(provider)
     return provider
 
 

@@ -29,6 +29,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from otpcore.adapters.migrations import migration_files
+from otpcore.adapters.pg_prepared import PreparedStatement
 from otpcore.domain.errors import ServiceUnavailable
 from otpcore.domain.model import Role, User
 from otpcore.domain.ports import NewSession, Rotation, RotationOutcome, Session, SignIn
@@ -532,6 +533,9 @@ SELECT signed.*, session.id IS NOT NULL AS opened FROM signed LEFT JOIN session 
 """  # noqa: S608 - only constants are interpolated
 
 
+_SIGN_IN_STATEMENT = PreparedStatement("otp_sign_in", _SIGN_IN)
+
+
 class PostgresSignIn:
     """``SignInStore``: the user and the session in one statement, one round trip."""
 
@@ -550,7 +554,7 @@ class PostgresSignIn:
         }
         async with self.users.db.connection() as conn:
             await self.sessions.sweep_when_due(conn, session.created_at)
-            row = await (await conn.execute(_SIGN_IN, params)).fetchone()
+            row = await _SIGN_IN_STATEMENT.fetchone(conn, params)
         if row is None:  # lost the race to a concurrent first login: its row is committed
             return await self._two_steps.sign_in(phone, name=name, role=role, session=session)
         opened = None

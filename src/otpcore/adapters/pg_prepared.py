@@ -1,0 +1,99 @@
+"""One statement through libpq directly: the sign-in, the request path's one statement.
+
+psycopg's cursor path costs ~50 µs of client CPU per statement here on top of libpq (a cursor
+with its own transformer, query conversion, prepare bookkeeping, result objects), about a tenth
+of a sign-in's worker time. ``PreparedStatement`` prepares its SQL once per connection under a
+name of its own and runs it with ``send_query_prepared``: parameters are dumped and the row loaded
+by psycopg's own adapters (a ``Transformer``), the wait is the connection's own (interrupts cancel
+the query as psycopg does), and errors are psycopg's errors.
+
+Parameters go as text with their types left to the server, which infers each from where it stands
+in the statement (a column it is compared with or written to), so one preparation fits every call.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from opentelemetry import trace
+from psycopg import AsyncConnection, generators, pq
+from psycopg import errors as e
+from psycopg.abc import Buffer
+from psycopg.adapt import PyFormat, Transformer
+from psycopg.pq.abc import PGresult
+
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s")
+_INVALID_STATEMENT_NAME = b"26000"  # the prepared statement is gone (DEALLOCATE, a pooler)
+_DUPLICATE_STATEMENT = b"42P05"  # prepared already (by this statement: its name is its own)
+
+# Set by ``instrument`` when the server traces (psycopg's instrumentation sees only cursors).
+_tracer: trace.Tracer | None = None
+
+
+def instrument(provider: trace.TracerProvider) -> None:
+    """Give every run a client span, as psycopg's instrumentation gives a cursor's execute."""
+    global _tracer
+    _tracer = provider.get_tracer(__name__)
+
+
+class PreparedStatement:
+    """``sql`` with ``%(name)s`` placeholders, run by name on any connection of a pool. One
+    instance per name in a process (a module constant): it knows where it is prepared."""
+
+    def __init__(self, name: str, sql: str) -> None:
+        self.name = name.encode()
+        self.sql = sql
+        self.params: list[str] = []  # placeholder names, in $n order
+
+        def number(match: re.Match[str]) -> str:
+            if match[1] not in self.params:
+                self.params.append(match[1])
+            return f"${self.params.index(match[1]) + 1}"
+
+        query = _PLACEHOLDER.sub(number, sql)
+        if "%" in query:
+            raise ValueError(f"{name}: only %(name)s placeholders are supported")
+        self.query = query.encode()
+        self._formats = [PyFormat.TEXT] * len(self.params)
+        self._prepared: weakref.WeakSet[AsyncConnection[Any]] = weakref.WeakSet()
+
+    async def fetchone(self, conn: AsyncConnection[Any], params: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The statement's first row as a dict (None when it returns none)."""
+        if _tracer is None:
+            return await self._fetchone(conn, params)
+        with _tracer.start_as_current_span(self.name.decode(), kind=trace.SpanKind.CLIENT) as span:
+            span.set_attributes({"db.system": "postgresql", "db.statement": self.sql})
+            return await self._fetchone(conn, params)
+
+    async def _fetchone(self, conn: AsyncConnection[Any], params: Mapping[str, Any]) -> dict[str, Any] | None:
+        tx = Transformer(conn)
+        values = tx.dump_sequence([params[name] for name in self.params], self._formats)
+        result = await self._run(conn, values)
+        if result.status == pq.ExecStatus.FATAL_ERROR and (
+            result.error_field(pq.DiagnosticField.SQLSTATE) == _INVALID_STATEMENT_NAME
+        ):
+            self._prepared.discard(conn)
+            result = await self._run(conn, values)
+        if result.status != pq.ExecStatus.TUPLES_OK:
+            raise e.error_from_result(result, encoding=conn.info.encoding)
+        if not result.ntuples:
+            return None
+        tx.set_pgresult(result)
+        names = [(result.fname(i) or b"").decode() for i in range(result.nfields)]
+        return dict(zip(names, tx.load_row(0, tuple), strict=True))
+
+    async def _run(self, conn: AsyncConnection[Any], values: Sequence[Buffer | None]) -> PGresult:
+        pgconn = conn.pgconn
+        if conn not in self._prepared:
+            pgconn.send_prepare(self.name, self.query)
+            prepared = (await conn.wait(generators.execute(pgconn)))[-1]
+            if prepared.status != pq.ExecStatus.COMMAND_OK and (
+                prepared.error_field(pq.DiagnosticField.SQLSTATE) != _DUPLICATE_STATEMENT
+            ):
+                raise e.error_from_result(prepared, encoding=conn.info.encoding)
+            self._prepared.add(conn)
+        pgconn.send_query_prepared(self.name, values)
+        return (await conn.wait(generators.execute(pgconn)))[-1]

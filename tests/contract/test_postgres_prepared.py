@@ -1,0 +1,62 @@
+"""PreparedStatement (adapters/pg_prepared.py) against a real Postgres: the sign-in's path to libpq."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import psycopg
+import pytest
+
+from otpcore.adapters.pg_prepared import PreparedStatement
+from otpcore.adapters.postgres import PostgresDatabase
+
+ECHO = PreparedStatement(
+    "otp_test_echo",
+    "SELECT %(text)s::text AS text, %(blob)s::bytea AS blob, %(at)s::timestamptz AS at,"
+    " %(n)s::bigint AS n, %(text)s::text = 'a''b' AS again, %(none)s::text AS none",
+)
+PARAMS = {
+    "text": "a'b",
+    "blob": b"\x00\xff\\x",
+    "at": datetime(2026, 1, 2, 3, 4, 5, 6, UTC),
+    "n": 2**40,
+    "none": None,
+}
+
+
+async def test_values_go_and_come_back_as_psycopg_reads_them(pg_database: PostgresDatabase) -> None:
+    async with pg_database.connection() as conn:
+        row = await ECHO.fetchone(conn, PARAMS)
+        by_cursor = await (await conn.execute(ECHO.sql, PARAMS)).fetchone()
+    assert row == by_cursor
+    assert row == {**PARAMS, "again": True}
+
+
+async def test_a_statement_gone_from_the_connection_is_prepared_again(pg_database: PostgresDatabase) -> None:
+    async with pg_database.connection() as conn:
+        await ECHO.fetchone(conn, PARAMS)
+        await conn.execute("DEALLOCATE ALL")
+        assert (await ECHO.fetchone(conn, PARAMS)) == {**PARAMS, "again": True}
+
+
+async def test_another_instance_of_the_same_statement_shares_the_name(pg_database: PostgresDatabase) -> None:
+    twin = PreparedStatement("otp_test_echo", ECHO.sql)
+    async with pg_database.connection() as conn:
+        await ECHO.fetchone(conn, PARAMS)
+        assert (await twin.fetchone(conn, PARAMS)) == {**PARAMS, "again": True}
+
+
+async def test_no_row_is_none_and_errors_are_psycopg_errors(pg_database: PostgresDatabase) -> None:
+    nothing = PreparedStatement("otp_test_nothing", "SELECT 1 AS one WHERE %(x)s::int > 1")
+    failing = PreparedStatement("otp_test_failing", "SELECT 1 / %(x)s::int AS quotient")
+    async with pg_database.connection() as conn:
+        assert await nothing.fetchone(conn, {"x": 0}) is None
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            await failing.fetchone(conn, {"x": 0})
+        assert await failing.fetchone(conn, {"x": 1}) == {"quotient": 1}  # the connection still works
+
+
+def test_only_named_placeholders_are_taken() -> None:
+    assert PreparedStatement("otp_test_numbered", "SELECT %(a)s, %(b)s, %(a)s").query == b"SELECT $1, $2, $1"
+    with pytest.raises(ValueError, match="placeholders"):
+        PreparedStatement("otp_test_positional", "SELECT %s")
