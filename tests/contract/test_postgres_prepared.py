@@ -46,6 +46,24 @@ async def test_another_instance_of_the_same_statement_shares_the_name(pg_databas
         assert (await twin.fetchone(conn, PARAMS)) == {**PARAMS, "again": True}
 
 
+async def test_a_statement_of_the_same_name_with_other_sql_runs_its_own(
+    pg_database: PostgresDatabase,
+) -> None:
+    other = PreparedStatement("otp_test_echo", "SELECT 'other' AS text")
+    async with pg_database.connection() as conn:
+        await ECHO.fetchone(conn, PARAMS)
+        assert (await other.fetchone(conn, {})) == {"text": "other"}
+
+
+async def test_bytes_arrive_whole_whatever_the_string_settings(pg_database: PostgresDatabase) -> None:
+    async with pg_database.connection() as conn:
+        await conn.execute("SET standard_conforming_strings = off")
+        try:
+            assert (await ECHO.fetchone(conn, PARAMS)) == {**PARAMS, "again": True}
+        finally:
+            await conn.execute("RESET standard_conforming_strings")
+
+
 async def test_no_row_is_none_and_errors_are_psycopg_errors(pg_database: PostgresDatabase) -> None:
     nothing = PreparedStatement("otp_test_nothing", "SELECT 1 AS one WHERE %(x)s::int > 1")
     failing = PreparedStatement("otp_test_failing", "SELECT 1 / %(x)s::int AS quotient")

@@ -46,8 +46,11 @@ def test_duration_histogram_in_seconds() -> None:
     telemetry.duration.record(0.2, "GET", "/health")
     text = telemetry.render().decode()
     assert "# TYPE http_request_duration_seconds histogram" in text
+    assert "# HELP http_request_duration_seconds HTTP request duration" in text
+    assert "_created" not in text
     health = frozenset({("method", "GET"), ("path", "/health")})
     assert samples(telemetry, "http_request_duration_seconds_count")[health] == 2
+    assert samples(telemetry, "http_request_duration_seconds_sum")[health] == 0.203
     buckets = {
         dict(labels)["le"]: value
         for labels, value in samples(telemetry, "http_request_duration_seconds_bucket").items()

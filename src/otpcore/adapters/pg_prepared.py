@@ -7,12 +7,15 @@ name of its own and runs it with ``send_query_prepared``: parameters are dumped 
 by psycopg's own adapters (a ``Transformer``), the wait is the connection's own (interrupts cancel
 the query as psycopg does), and errors are psycopg's errors.
 
-Parameters go as text with their types left to the server, which infers each from where it stands
-in the statement (a column it is compared with or written to), so one preparation fits every call.
+Parameters go as text (bytes in binary: text would depend on standard_conforming_strings) with
+their types left to the server, which infers each from where it stands in the statement (a column
+it is compared with or written to), so one preparation fits every call. For autocommit
+connections: the retry after a vanished preparation would fail inside an aborted transaction.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import weakref
 from collections.abc import Mapping, Sequence
@@ -27,7 +30,7 @@ from psycopg.pq.abc import PGresult
 
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s")
 _INVALID_STATEMENT_NAME = b"26000"  # the prepared statement is gone (DEALLOCATE, a pooler)
-_DUPLICATE_STATEMENT = b"42P05"  # prepared already (by this statement: its name is its own)
+_DUPLICATE_STATEMENT = b"42P05"  # prepared already: by this very SQL, whose hash is in the name
 
 # Set by ``instrument`` when the server traces (psycopg's instrumentation sees only cursors).
 _tracer: trace.Tracer | None = None
@@ -40,11 +43,11 @@ def instrument(provider: trace.TracerProvider) -> None:
 
 
 class PreparedStatement:
-    """``sql`` with ``%(name)s`` placeholders, run by name on any connection of a pool. One
-    instance per name in a process (a module constant): it knows where it is prepared."""
+    """``sql`` with ``%(name)s`` placeholders, run by name on any connection of a pool. Best one
+    instance per statement in a process (a module constant): it knows where it is prepared."""
 
     def __init__(self, name: str, sql: str) -> None:
-        self.name = name.encode()
+        self.label = name  # its span's name
         self.sql = sql
         self.params: list[str] = []  # placeholder names, in $n order
 
@@ -57,26 +60,41 @@ class PreparedStatement:
         if "%" in query:
             raise ValueError(f"{name}: only %(name)s placeholders are supported")
         self.query = query.encode()
-        self._formats = [PyFormat.TEXT] * len(self.params)
+        # The same name is always the same SQL, so a statement found prepared already is this one.
+        self.name = f"{name}_{hashlib.sha1(self.query).hexdigest()[:12]}".encode()  # noqa: S324
         self._prepared: weakref.WeakSet[AsyncConnection[Any]] = weakref.WeakSet()
 
     async def fetchone(self, conn: AsyncConnection[Any], params: Mapping[str, Any]) -> dict[str, Any] | None:
         """The statement's first row as a dict (None when it returns none)."""
         if _tracer is None:
             return await self._fetchone(conn, params)
-        with _tracer.start_as_current_span(self.name.decode(), kind=trace.SpanKind.CLIENT) as span:
-            span.set_attributes({"db.system": "postgresql", "db.statement": self.sql})
+        with _tracer.start_as_current_span(self.label, kind=trace.SpanKind.CLIENT) as span:
+            info = conn.info
+            span.set_attributes(
+                {
+                    "db.system": "postgresql",
+                    "db.statement": self.sql,
+                    "db.name": info.dbname,
+                    "db.user": info.user,
+                    "net.peer.name": info.host,
+                    "net.peer.port": info.port,
+                }
+            )
             return await self._fetchone(conn, params)
 
     async def _fetchone(self, conn: AsyncConnection[Any], params: Mapping[str, Any]) -> dict[str, Any] | None:
         tx = Transformer(conn)
-        values = tx.dump_sequence([params[name] for name in self.params], self._formats)
-        result = await self._run(conn, values)
-        if result.status == pq.ExecStatus.FATAL_ERROR and (
-            result.error_field(pq.DiagnosticField.SQLSTATE) == _INVALID_STATEMENT_NAME
+        values = [params[name] for name in self.params]
+        formats = [PyFormat.BINARY if isinstance(v, bytes) else PyFormat.TEXT for v in values]
+        dumped = tx.dump_sequence(values, formats)
+        result = await self._run(conn, dumped, tx.formats)
+        if (
+            result.status == pq.ExecStatus.FATAL_ERROR
+            and result.error_field(pq.DiagnosticField.SQLSTATE) == _INVALID_STATEMENT_NAME
+            and conn.info.transaction_status == pq.TransactionStatus.IDLE
         ):
             self._prepared.discard(conn)
-            result = await self._run(conn, values)
+            result = await self._run(conn, dumped, tx.formats)
         if result.status != pq.ExecStatus.TUPLES_OK:
             raise e.error_from_result(result, encoding=conn.info.encoding)
         if not result.ntuples:
@@ -85,15 +103,23 @@ class PreparedStatement:
         names = [(result.fname(i) or b"").decode() for i in range(result.nfields)]
         return dict(zip(names, tx.load_row(0, tuple), strict=True))
 
-    async def _run(self, conn: AsyncConnection[Any], values: Sequence[Buffer | None]) -> PGresult:
+    async def _run(
+        self, conn: AsyncConnection[Any], values: Sequence[Buffer | None], formats: Sequence[pq.Format] | None
+    ) -> PGresult:
         pgconn = conn.pgconn
         if conn not in self._prepared:
             pgconn.send_prepare(self.name, self.query)
-            prepared = (await conn.wait(generators.execute(pgconn)))[-1]
+            prepared = _last(await conn.wait(generators.execute(pgconn)))
             if prepared.status != pq.ExecStatus.COMMAND_OK and (
                 prepared.error_field(pq.DiagnosticField.SQLSTATE) != _DUPLICATE_STATEMENT
             ):
                 raise e.error_from_result(prepared, encoding=conn.info.encoding)
             self._prepared.add(conn)
-        pgconn.send_query_prepared(self.name, values)
-        return (await conn.wait(generators.execute(pgconn)))[-1]
+        pgconn.send_query_prepared(self.name, values, param_formats=formats)
+        return _last(await conn.wait(generators.execute(pgconn)))
+
+
+def _last(results: list[PGresult]) -> PGresult:
+    if not results:
+        raise e.InternalError("got no result from the query")  # as psycopg's cursor says
+    return results[-1]
