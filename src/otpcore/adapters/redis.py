@@ -403,12 +403,15 @@ def _decisions(limits: Sequence[Limit], reply: list[Any], first: int, *, allowed
 def _fail(batch: Sequence[_Queued], error: Exception) -> None:
     """Fail each waiting publisher of ``batch`` with a ServiceUnavailable of its own (one
     exception object raised in many requests would gather all their tracebacks)."""
-    unavailable = isinstance(error, ServiceUnavailable)
+    message: str | None = None
+    cause: BaseException | None = error
+    if isinstance(error, ServiceUnavailable):
+        message, cause = error.message, error.__cause__
     for _, appended in batch:
         if appended.done():
             continue  # its publisher gave up
-        own = ServiceUnavailable(error.message if isinstance(error, ServiceUnavailable) else None)
-        own.__cause__ = error.__cause__ if unavailable else error
+        own = ServiceUnavailable(message)
+        own.__cause__ = cause
         appended.set_exception(own)
 
 
