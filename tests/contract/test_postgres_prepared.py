@@ -32,6 +32,20 @@ async def test_values_go_and_come_back_as_psycopg_reads_them(pg_database: Postgr
     assert row == {**PARAMS, "again": True}
 
 
+async def test_later_runs_on_a_connection_read_their_own_values(pg_database: PostgresDatabase) -> None:
+    # The connection's transformer is kept between runs: nothing of one run's values may stick.
+    others = [
+        {"text": None, "blob": b"", "at": datetime(1999, 12, 31, 23, 59, tzinfo=UTC), "n": 7, "none": "x"},
+        {"text": "é" * 300, "blob": bytes(range(256)), "at": PARAMS["at"], "n": -(2**62), "none": None},
+    ]
+    async with pg_database.connection() as conn:
+        await ECHO.fetchone(conn, PARAMS)
+        for params in others:
+            row = await ECHO.fetchone(conn, params)
+            assert row == await (await conn.execute(ECHO.sql, params)).fetchone()
+            assert row == {**params, "again": params["text"] == "a'b" if params["text"] else None}
+
+
 async def test_a_statement_gone_from_the_connection_is_prepared_again(pg_database: PostgresDatabase) -> None:
     async with pg_database.connection() as conn:
         await ECHO.fetchone(conn, PARAMS)

@@ -162,12 +162,13 @@ class PostgresDatabase:
         query check; every other checkout costs no statement.
         """
         returned = self._returned.get(conn)
+        pgconn = conn.pgconn  # not conn.info: that is a new object at every read, ~1 µs each
         if (
             returned is not None
             and time.monotonic() - returned < CHECK_AFTER_IDLE
-            and conn.info.status is psycopg.pq.ConnStatus.OK
-            and conn.info.transaction_status is psycopg.pq.TransactionStatus.IDLE
-            and not _readable(conn.pgconn.socket)
+            and pgconn.status == psycopg.pq.ConnStatus.OK
+            and pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            and not _readable(pgconn.socket)
         ):
             return
         await AsyncConnectionPool.check_connection(conn)
