@@ -99,19 +99,27 @@ def test_country_of() -> None:
 
 
 def test_parse_finds_the_country_and_judges_validity_as_is_valid_number() -> None:
+    # Every region's example numbers of every type, and neighbours of each (some valid, some
+    # not): parse must agree with the library's is_valid_number and region_code_for_number.
     policy = PhonePolicy()
-    regions = ["US", "CA", "JM", "GB", "IM", "DE", "FR", "IN", "BR", "NG", "RU", "KZ", "AU", "JP"]
-    for region in regions:
-        example = phonenumbers.example_number(region)
-        assert example is not None
-        e164 = phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.E164)
-        assert policy.parse(e164) == (e164, region)
-        # Neighbours of a valid number: some valid, some not; parse must agree with the library.
-        for last in "0123456789":
-            candidate = e164[:-1] + last + "9"
-            parsed = phonenumbers.parse(candidate, None)
-            if phonenumbers.is_valid_number(parsed):
-                assert policy.parse(candidate).country == phonenumbers.region_code_for_number(parsed)
-            else:
-                with pytest.raises(InvalidPhoneNumber):
-                    policy.parse(candidate)
+    types = [t for t in vars(phonenumbers.PhoneNumberType).values() if isinstance(t, int)]
+    checked = set()
+    for region in sorted(phonenumbers.SUPPORTED_REGIONS):
+        for kind in types:
+            example = phonenumbers.example_number_for_type(region, kind)
+            if example is None:
+                continue
+            e164 = phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.E164)
+            for candidate in [e164] + [e164[:-2] + a + b for a in "0159" for b in "07"] + [e164 + "1"]:
+                if candidate in checked:
+                    continue
+                checked.add(candidate)
+                parsed = phonenumbers.parse(candidate, None)
+                if phonenumbers.is_valid_number(parsed):
+                    e164 = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+                    expected = (e164, phonenumbers.region_code_for_number(parsed))
+                    assert policy.parse(candidate) == expected, candidate
+                else:
+                    with pytest.raises(InvalidPhoneNumber):
+                        policy.parse(candidate)
+    assert len(checked) > 5_000

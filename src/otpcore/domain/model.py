@@ -93,9 +93,21 @@ def _read(raw: str) -> tuple[str, str | None, bool] | None:
     except phonenumbers.NumberParseException:
         return None
     region = phonenumbers.region_code_for_number(parsed)
-    # is_valid_number is exactly this, finding the region again.
-    valid = region is not None and phonenumbers.is_valid_number_for_region(parsed, region)
+    # is_valid_number is exactly this, finding the region again. A region found by validation
+    # needs none again (~10 µs, a fifth of a reading; tests hold this to is_valid_number).
+    valid = region is not None and (
+        _found_valid(parsed.country_code, region) or phonenumbers.is_valid_number_for_region(parsed, region)
+    )
     return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164), region, valid
+
+
+@functools.cache
+def _found_valid(country_code: int, region: str) -> bool:
+    """Whether region_code_for_number returns ``region`` only for numbers valid there: among a
+    shared code's regions, it picks one without leading digits by validating the number in it."""
+    regions = phonenumbers.COUNTRY_CODE_TO_REGION_CODE.get(country_code, ())
+    metadata = phonenumbers.PhoneMetadata.metadata_for_region(region, None)
+    return len(regions) > 1 and metadata is not None and metadata.leading_digits is None
 
 
 def well_formed_e164(raw: str) -> str:
