@@ -44,15 +44,24 @@ def test_duration_histogram_in_seconds() -> None:
     telemetry = Telemetry()
     telemetry.duration.record(0.003, "GET", "/health")
     telemetry.duration.record(0.2, "GET", "/health")
+    telemetry.duration.record(0.005, "GET", "/health")  # on a bound: counted in that bucket
+    telemetry.duration.record(11.0, "GET", "/health")  # past every bound: +Inf only
+    telemetry.duration.record(0.0001, "POST", "/api/v1/auth/send-otp")
     text = telemetry.render().decode()
     assert "# TYPE http_request_duration_seconds histogram" in text
     assert "# HELP http_request_duration_seconds HTTP request duration" in text
     assert "_created" not in text
     health = frozenset({("method", "GET"), ("path", "/health")})
-    assert samples(telemetry, "http_request_duration_seconds_count")[health] == 2
-    assert samples(telemetry, "http_request_duration_seconds_sum")[health] == 0.203
+    assert samples(telemetry, "http_request_duration_seconds_count")[health] == 4
+    assert samples(telemetry, "http_request_duration_seconds_sum")[health] == 11.208
     buckets = {
         dict(labels)["le"]: value
         for labels, value in samples(telemetry, "http_request_duration_seconds_bucket").items()
+        if ("path", "/health") in labels
     }
-    assert buckets["0.001"] == 0 and buckets["0.005"] == 1 and buckets["0.25"] == 2 and buckets["+Inf"] == 2
+    assert len(buckets) == 14  # 13 bounds and +Inf, as prometheus_client's histogram writes them
+    assert buckets["0.001"] == 0 and buckets["0.0025"] == 0 and buckets["0.005"] == 2
+    assert buckets["0.25"] == 3 and buckets["10.0"] == 3 and buckets["+Inf"] == 4
+    send = frozenset({("method", "POST"), ("path", "/api/v1/auth/send-otp")})
+    assert samples(telemetry, "http_request_duration_seconds_count")[send] == 1
+    assert samples(telemetry, "http_request_duration_seconds_bucket")[send | {("le", "0.001")}] == 1
