@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import os
-import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -25,6 +23,7 @@ from otp_http.logs import request_id_var
 from otp_http.metrics import record_response
 from otpcore.domain.errors import ServiceUnavailable
 from otpcore.domain.events import AUTH_RATE_LIMITED, Event
+from otpcore.domain.ids import unique_id
 from otpcore.domain.ports import EventBus, Limit, RateDecision, RateLimiter
 from otpcore.settings import Settings
 from otpcore.telemetry import Telemetry
@@ -40,10 +39,6 @@ ADMISSION = "admission"
 # The name of the limit that refused the request, for the rate_limit_exceeded metric.
 RATE_LIMITED = "rate_limited"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# Request ids need to be unique, not secret (a client may choose its own): drawn from a generator
-# seeded by the OS, again in a forked child, rather than by a getrandom call each (~1 µs).
-_request_ids = random.Random()  # noqa: S311 - not a secret, see above
-os.register_at_fork(after_in_child=_request_ids.seed)
 _UNLIMITED_PREFIXES = ("/health",)
 # Path prefix -> the per-IP limit (RATE_LIMIT_<NAME>_*) applied on top of the global one.
 _PATH_LIMITS = (("/api/v1/auth/", "auth"), ("/api/v1/users/", "user"))
@@ -137,7 +132,7 @@ class EdgeMiddleware:
             return
         started = time.perf_counter()
         incoming_id, has_origin = _read_headers(scope)
-        request_id = incoming_id or _request_ids.randbytes(16).hex()
+        request_id = incoming_id or unique_id()  # a client may choose its own: not a secret
         token = request_id_var.set(request_id)
         state = scope.setdefault("state", {})
         ip = self.client_ip(scope)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 import re
 import time
 
 import pytest
 from litestar.testing import TestClient
 
-from otp_http import create_app, middleware
+from otp_http import create_app
 from otp_http.middleware import ClientIp
 from otpcore import build_core
 from tests.fakes import FakeClock
@@ -242,17 +241,6 @@ async def test_request_id_generated_when_absent(mem_api):
     two = (await mem_api.get("/health")).headers["X-Request-ID"]
     assert one != two
     assert re.fullmatch(r"[A-Za-z0-9._:-]{8,128}", one)
-
-
-def test_a_forked_worker_draws_request_ids_of_its_own():
-    # Workers forked from one parent must not repeat each other's ids (the generator is reseeded).
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: its next id, to the parent
-        os.write(write, middleware._request_ids.randbytes(16))
-        os._exit(0)
-    os.waitpid(pid, 0)
-    assert os.read(read, 16) != middleware._request_ids.randbytes(16)
 
 
 @pytest.mark.parametrize("bad", ["x" * 500, "a b", "<script>", "abc;def", "é"])

@@ -5,11 +5,12 @@
 
 from __future__ import annotations
 
-import secrets
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+
+from otpcore.domain.ids import unique_id
 
 OTP_GENERATED = "otp:generated"
 OTP_VERIFIED = "otp:verified"
@@ -26,5 +27,5 @@ SESSION_REVOKED = "session:revoked"
 class Event(msgspec.Struct, frozen=True, kw_only=True):
     event_type: str
     data: dict[str, Any] = msgspec.field(default_factory=dict)
-    event_id: str = msgspec.field(default_factory=lambda: secrets.token_hex(16))
+    event_id: str = msgspec.field(default_factory=unique_id)
     timestamp: datetime = msgspec.field(default_factory=lambda: datetime.now(UTC))
