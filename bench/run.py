@@ -246,6 +246,9 @@ class Bench:
             log("counting phase: otp-server through counting proxies")
             server = self.start_otp_server("otp-counting", self.server_env(db_url, redis_url))
             try:
+                # Every worker serving (its Redis subscription made) before counting starts: a
+                # worker still starting would put its connection setup in the first count.
+                procs.get_from_each_worker(server.port, "/health", server.workers())
                 counts = asyncio.run(self.count_requests(server.url, proxies))
             finally:
                 self.stop(server)
