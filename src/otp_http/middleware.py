@@ -132,7 +132,7 @@ class EdgeMiddleware:
             return
         started = time.perf_counter()
         incoming_id, has_origin = _read_headers(scope)
-        request_id = incoming_id or unique_id()  # a client may choose its own: not a secret
+        request_id = incoming_id or unique_id()
         token = request_id_var.set(request_id)
         state = scope.setdefault("state", {})
         ip = self.client_ip(scope)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from datetime import UTC, datetime
 
 import psycopg
@@ -33,7 +34,7 @@ async def test_values_go_and_come_back_as_psycopg_reads_them(pg_database: Postgr
 
 
 async def test_later_runs_on_a_connection_read_their_own_values(pg_database: PostgresDatabase) -> None:
-    # The connection's transformer is kept between runs: nothing of one run's values may stick.
+    # The column names are kept between runs on a connection; nothing of one run's values may stick.
     others = [
         {"text": None, "blob": b"", "at": datetime(1999, 12, 31, 23, 59, tzinfo=UTC), "n": 7, "none": "x"},
         {"text": "é" * 300, "blob": bytes(range(256)), "at": PARAMS["at"], "n": -(2**62), "none": None},
@@ -44,6 +45,31 @@ async def test_later_runs_on_a_connection_read_their_own_values(pg_database: Pos
             row = await ECHO.fetchone(conn, params)
             assert row == await (await conn.execute(ECHO.sql, params)).fetchone()
             assert row == {**params, "again": params["text"] == "a'b" if params["text"] else None}
+
+
+async def test_a_connection_closed_is_forgotten(pg_dsn: str) -> None:
+    statement = PreparedStatement("otp_test_forgotten", "SELECT %(n)s::int AS n")
+    conn = await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True)
+    assert await statement.fetchone(conn, {"n": 1}) == {"n": 1}
+    assert len(statement._prepared) == 1
+    await conn.close()
+    del conn
+    gc.collect()
+    assert len(statement._prepared) == 0  # nothing it kept holds the connection
+
+
+async def test_columns_are_read_anew_after_a_new_preparation(pg_database: PostgresDatabase) -> None:
+    async with pg_database.connection() as conn:
+        await conn.execute("CREATE TEMP TABLE otp_test_cols (a int)")
+        await conn.execute("INSERT INTO otp_test_cols VALUES (1)")
+        statement = PreparedStatement("otp_test_cols", "SELECT * FROM otp_test_cols WHERE a = %(a)s::int")
+        try:
+            assert await statement.fetchone(conn, {"a": 1}) == {"a": 1}
+            await conn.execute("DEALLOCATE ALL")
+            await conn.execute("ALTER TABLE otp_test_cols ADD COLUMN b text DEFAULT 'x'")
+            assert await statement.fetchone(conn, {"a": 1}) == {"a": 1, "b": "x"}
+        finally:
+            await conn.execute("DROP TABLE otp_test_cols")
 
 
 async def test_a_statement_gone_from_the_connection_is_prepared_again(pg_database: PostgresDatabase) -> None:

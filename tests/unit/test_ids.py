@@ -1,4 +1,4 @@
-"""unique_id: event and request ids, unique across processes forked from one parent."""
+"""unique_id: event and request ids, unique across threads and processes forked from one parent."""
 
 from __future__ import annotations
 
@@ -15,13 +15,27 @@ def test_ids_are_128_bits_in_hex_and_do_not_repeat() -> None:
 
 
 def test_a_forked_worker_draws_ids_of_its_own() -> None:
-    # Workers forked from one parent must not repeat each other's ids (the generator is reseeded).
+    # Workers forked from one parent must not repeat each other's ids (what was drawn is dropped).
+    unique_id()  # the parent has randomness in hand when it forks
     read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: its next ids, to the parent
-        os.write(write, "".join(unique_id() for _ in range(4)).encode())
-        os._exit(0)
+    if pid == 0:  # the child: its next ids, to the parent, and nothing else
+        try:
+            os.write(write, "".join(unique_id() for _ in range(4)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
     os.waitpid(pid, 0)
-    child = os.read(read, 128).decode()
+    with os.fdopen(read) as pipe:
+        child = pipe.read()
     parent = "".join(unique_id() for _ in range(4))
     assert len(child) == len(parent) == 128 and child != parent
+
+
+def test_ids_stay_unique_across_threads_and_refills() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        batches = list(pool.map(lambda _: [unique_id() for _ in range(2_000)], range(8)))
+    ids = [i for batch in batches for i in batch]
+    assert len(set(ids)) == len(ids) == 16_000

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from opentelemetry import trace
-from psycopg import AsyncConnection, abc, generators, pq
+from psycopg import AsyncConnection, generators, pq
 from psycopg import errors as e
 from psycopg.abc import Buffer
 from psycopg.adapt import PyFormat, Transformer
@@ -62,9 +62,9 @@ class PreparedStatement:
         self.query = query.encode()
         # The same name is always the same SQL, so a statement found prepared already is this one.
         self.name = f"{name}_{hashlib.sha1(self.query).hexdigest()[:12]}".encode()  # noqa: S324
-        # Where it is prepared, with that connection's transformer: kept, as a cursor keeps its
-        # own, so the dumpers and loaders it finds for these types are found once, not per call.
-        self._prepared: weakref.WeakKeyDictionary[AsyncConnection[Any], _Prepared] = (
+        # The connections it is prepared on, each with the result's column names once a row came
+        # back (fixed for a preparation: Postgres refuses to change a prepared result's columns).
+        self._prepared: weakref.WeakKeyDictionary[AsyncConnection[Any], list[str]] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -87,11 +87,13 @@ class PreparedStatement:
             return await self._fetchone(conn, params)
 
     async def _fetchone(self, conn: AsyncConnection[Any], params: Mapping[str, Any]) -> dict[str, Any] | None:
-        prepared = self._prepared.get(conn)
-        if prepared is None:
+        names = self._prepared.get(conn)
+        if names is None:
             await self._prepare(conn)
-            prepared = self._prepared[conn] = _Prepared(Transformer(conn))
-        tx = prepared.tx
+            names = self._prepared[conn] = []
+        # A transformer per run, as a cursor makes one per query: one kept would hold its
+        # connection (and the last row) and keep the encoding it first saw.
+        tx = Transformer(conn)
         values = [params[name] for name in self.params]
         formats = [PyFormat.BINARY if isinstance(v, bytes) else PyFormat.TEXT for v in values]
         dumped = tx.dump_sequence(values, formats)
@@ -101,6 +103,7 @@ class PreparedStatement:
             and result.error_field(pq.DiagnosticField.SQLSTATE) == _INVALID_STATEMENT_NAME
             and conn.info.transaction_status == pq.TransactionStatus.IDLE
         ):
+            names.clear()  # a new preparation: its columns are read anew
             await self._prepare(conn)  # gone from the server (DEALLOCATE, a pooler): again
             result = await self._run(conn, dumped, tx.formats)
         if result.status != pq.ExecStatus.TUPLES_OK:
@@ -108,9 +111,9 @@ class PreparedStatement:
         if not result.ntuples:
             return None
         tx.set_pgresult(result)
-        if prepared.names is None:  # the same columns every time: read off the first row's result
-            prepared.names = [(result.fname(i) or b"").decode() for i in range(result.nfields)]
-        return dict(zip(prepared.names, tx.load_row(0, tuple), strict=True))
+        if not names:
+            names += [(result.fname(i) or b"").decode() for i in range(result.nfields)]
+        return dict(zip(names, tx.load_row(0, tuple), strict=True))
 
     async def _prepare(self, conn: AsyncConnection[Any]) -> None:
         pgconn = conn.pgconn
@@ -127,17 +130,6 @@ class PreparedStatement:
         pgconn = conn.pgconn
         pgconn.send_query_prepared(self.name, values, param_formats=formats)
         return _last(await conn.wait(generators.execute(pgconn)))
-
-
-class _Prepared:
-    """A statement prepared on one connection: that connection's transformer, and the result's
-    column names once a row has come back."""
-
-    __slots__ = ("names", "tx")
-
-    def __init__(self, tx: abc.Transformer) -> None:
-        self.tx = tx
-        self.names: list[str] | None = None
 
 
 def _last(results: list[PGresult]) -> PGresult:

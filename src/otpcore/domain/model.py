@@ -94,7 +94,7 @@ def _read(raw: str) -> tuple[str, str | None, bool] | None:
         return None
     region = phonenumbers.region_code_for_number(parsed)
     # is_valid_number is exactly this, finding the region again. A region found by validation
-    # needs none again (~10 µs, a fifth of a reading; tests hold this to is_valid_number).
+    # needs none again (~10 µs, a quarter of a reading; tests hold this to is_valid_number).
     valid = region is not None and (
         _found_valid(parsed.country_code, region) or phonenumbers.is_valid_number_for_region(parsed, region)
     )
