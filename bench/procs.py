@@ -65,8 +65,14 @@ class Server:
                 status = get_status(self.port, self.ready_path)
             except OSError:
                 status = 0
-            # Both workers must be up: otherwise the first seconds of load hit one of them.
-            if status == 200 and len(self.workers()) >= self.expected_workers:
+            # Every worker must answer, not merely exist: otherwise the first seconds of load hit
+            # one of them, and a worker still starting does its connection setup in a count.
+            workers = self.workers()
+            if (
+                status == 200
+                and len(workers) >= self.expected_workers
+                and len(get_from_each_worker(self.port, self.ready_path, workers)) >= self.expected_workers
+            ):
                 return
             time.sleep(0.2)
         raise RuntimeError(f"{self.name} not ready after {timeout:.0f}s; see {self.log_path}")

@@ -21,6 +21,8 @@ from prometheus_client.utils import floatToGoString
 
 # Seconds, down to 1 ms: most answers here take a few milliseconds.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Their "le" labels as prometheus_client writes them, and +Inf's.
+_BUCKET_LABELS = (*map(floatToGoString, DURATION_BUCKETS), "+Inf")
 
 # Counters the domain and adapters add to, by name (exported with a "_total" suffix).
 DESCRIPTIONS = {
@@ -94,9 +96,8 @@ class Durations:
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self.NAME, "HTTP request duration", labels=("method", "path"))
         for (method, path), series in list(self._series.items()):
-            cumulative = list(itertools.accumulate(series[:-1]))
-            bounds = [*map(floatToGoString, DURATION_BUCKETS), "+Inf"]
-            family.add_metric((method, path), list(zip(bounds, cumulative, strict=True)), series[-1])
+            cumulative = itertools.accumulate(series[:-1])
+            family.add_metric((method, path), list(zip(_BUCKET_LABELS, cumulative, strict=True)), series[-1])
         yield family
 
 

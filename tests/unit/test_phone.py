@@ -116,8 +116,8 @@ def test_parse_finds_the_country_and_judges_validity_as_is_valid_number() -> Non
                 checked.add(candidate)
                 parsed = phonenumbers.parse(candidate, None)
                 if phonenumbers.is_valid_number(parsed):
-                    e164 = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
-                    expected = (e164, phonenumbers.region_code_for_number(parsed))
+                    normalised = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+                    expected = (normalised, phonenumbers.region_code_for_number(parsed))
                     assert policy.parse(candidate) == expected, candidate
                 else:
                     with pytest.raises(InvalidPhoneNumber):

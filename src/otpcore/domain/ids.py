@@ -1,6 +1,6 @@
 """Ids that must be unique: event ids, request ids.
 
-Sliced from OS randomness drawn 4 KiB at a time rather than by a getrandom call each (~0.4 µs an
+Sliced from OS randomness drawn 4 KiB at a time rather than by a getrandom call each (~0.5 µs an
 id instead of ~1 µs, several times on every sign-in): as unpredictable as ``secrets``, so a
 client that sees request ids learns nothing of the next event ids. A forked child drops what it
 inherited, so workers never hand out the same ids.
