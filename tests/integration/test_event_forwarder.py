@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from otpcore import Settings, SettingsError, build_core
-from otpcore.adapters.event_stream import EventForwarder, EventStream
+from otpcore.adapters.event_stream import EventForwarder, EventStream, GroupWorker
 from otpcore.adapters.redis import RedisEventBus, RedisKeyspace
 from otpcore.adapters.webhooks import WebhookPoster, WebhookSigner
 from otpcore.domain.events import Event
@@ -165,6 +165,26 @@ async def test_a_redis_outage_is_waited_out(redis_keyspace, hook_factory) -> Non
     finally:
         proxy.close()
     assert receiver.delivered() == first + during
+
+
+class Stubborn(GroupWorker):
+    """A reader that shrugs off its first cancellation, as one caught mid-retry might."""
+
+    async def run(self) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await asyncio.Event().wait()
+
+
+async def test_stop_does_not_wait_for_ever_on_a_reader_that_ignores_cancellation(redis_keyspace) -> None:
+    stream = EventStream(redis_keyspace, block=0.2)
+    stubborn = Stubborn(stream, stream.group("stubborn", "one"), grace=0.3)
+    stubborn.start()
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    await asyncio.wait_for(stubborn.stop(), timeout=5)
+    assert time.monotonic() - started < 2, "bounded by the grace period"
 
 
 async def test_the_service_forwards_its_events(redis_keyspace, hook_factory) -> None:

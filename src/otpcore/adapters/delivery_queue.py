@@ -236,7 +236,7 @@ class DeliveryWorker(GroupWorker):
     async def _keep_held_busy(self) -> None:
         """Reset the idle time of the jobs read here, so no other process takes them over."""
         client, key = self.stream.keyspace.client, self.stream.key
-        while True:
+        while not self._stopping.is_set():
             await asyncio.sleep(self.group.min_idle / 3)
             if not self._held:
                 continue

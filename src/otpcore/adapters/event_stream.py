@@ -302,7 +302,8 @@ class GroupWorker:
     """A background reader of one consumer group: started once, stopped with a grace period.
 
     ``stop`` lets the work in flight finish for up to ``grace`` seconds, then cancels the reader
-    and leaves the group; what was not acknowledged stays pending for another consumer.
+    and leaves the group; what was not acknowledged stays pending for another consumer. Each of
+    its waits is bounded by ``grace``.
     """
 
     TASK_NAME = "stream-worker"
@@ -336,8 +337,12 @@ class GroupWorker:
             if in_flight:
                 await asyncio.wait(in_flight, timeout=self.grace)
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Bounded too: a reader that swallowed the cancellation must not hold up shutdown.
+            await asyncio.wait({task}, timeout=self.grace)
+            if not task.done():
+                log.warning("%s did not stop within %.1fs; left behind", self.TASK_NAME, self.grace)
+            elif not task.cancelled():
+                task.result()  # raises what ended the reader, as awaiting it did
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(self.grace):
                     await self.group.leave()
