@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from litestar import Litestar, Request, Response, get
@@ -66,17 +67,17 @@ def create_litestar(core: Core) -> Litestar:
     )
 
 
-def with_cors(app: Litestar, settings: Settings) -> ASGIApp:
-    """Litestar's CORS handling (CORS_ALLOWED_*) around the app: what Litestar does when given a
-    cors_config, as an app of its own so that EdgeMiddleware sends it only requests with an Origin
-    header. Given a cors_config, Litestar runs it on every request, and it costs tens of µs even
-    for the requests it passes through untouched.
+def with_cors(app: Litestar, settings: Settings, inner: ASGIApp) -> ASGIApp:
+    """Litestar's CORS handling (CORS_ALLOWED_*) of ``app`` around ``inner`` (the app itself, or
+    what answers for it): what Litestar does when given a cors_config, as an app of its own so that
+    EdgeMiddleware sends it only requests with an Origin header. Given a cors_config, Litestar runs
+    it on every request, and it costs tens of µs even for the requests it passes through untouched.
 
     CORSMiddleware comes from Litestar's internal module: its public alias
     (litestar.middleware.cors) is deprecated and warns; tests/http/test_system.py pins the
     answers."""
     cors = CORSMiddleware(
-        app,
+        inner,
         CORSConfig(
             allow_origins=list(settings.cors_origins),
             allow_methods=list(settings.cors_methods),  # type: ignore[arg-type]
@@ -87,6 +88,7 @@ def with_cors(app: Litestar, settings: Settings) -> ASGIApp:
                 "X-RateLimit-Remaining",
                 "X-RateLimit-Reset",
                 "Retry-After",
+                "X-RateLimit-Exceeded",
             ],
         ),
     )
@@ -119,7 +121,7 @@ def create_app(
     app = create_litestar(core)
     return EdgeMiddleware(
         app,
-        cors=with_cors(app, core.settings),
+        cors=functools.partial(with_cors, app, core.settings),
         limiter=core.container.rate_limiter(),
         events=core.events,
         settings=core.settings,

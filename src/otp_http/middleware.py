@@ -13,7 +13,7 @@ import ipaddress
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import msgspec
 from litestar.types import ASGIApp, HTTPResponseStartEvent, HTTPScope, Message, Receive, Scope, Send
@@ -38,6 +38,8 @@ CLIENT_IP = "client_ip"
 ADMISSION = "admission"
 # The name of the limit that refused the request, for the rate_limit_exceeded metric.
 RATE_LIMITED = "rate_limited"
+# An edge refusal (status, error code, message), for the app that answers it through CORS.
+_REFUSAL = "edge_refusal"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _UNLIMITED_PREFIXES = ("/health",)
 # Path prefix -> the per-IP limit (RATE_LIMIT_<NAME>_*) applied on top of the global one.
@@ -90,14 +92,15 @@ def _is_ip(text: str) -> bool:
 
 
 class EdgeMiddleware:
-    """``cors`` is the app to call instead of ``app`` when the request carries an Origin header
-    (CORS has nothing to do without one, so other requests skip it)."""
+    """``cors`` wraps an app in CORS handling. The wrapped ``app`` is called instead of ``app``
+    when the request carries an Origin header (CORS has nothing to do without one, so other
+    requests skip it), and the edge's own refusals of such requests go through it too."""
 
     def __init__(
         self,
         app: ASGIApp,
         *,
-        cors: ASGIApp,
+        cors: Callable[[ASGIApp], ASGIApp],
         limiter: RateLimiter,
         events: EventBus,
         settings: Settings,
@@ -106,7 +109,8 @@ class EdgeMiddleware:
         fast_lane: FastLane | None = None,
     ) -> None:
         self.app = app
-        self.cors = cors
+        self.cors = cors(app)
+        self.cors_refusal = cors(_send_refusal)
         self.fast_lane = fast_lane
         self.limiter = limiter
         self.events = events
@@ -157,10 +161,10 @@ class EdgeMiddleware:
                 # store's script).
                 state[ADMISSION] = Admission(
                     limits,
-                    admit=lambda: self._admit(scope, limits, send_with_headers),
-                    refuse=lambda: self._refuse(state, send_with_headers),
+                    admit=lambda: self._admit(scope, receive, limits, send_with_headers),
+                    refuse=lambda: self._refuse(scope, receive, send_with_headers),
                 )
-            elif limits and not await self._admit(scope, limits, send_with_headers):
+            elif limits and not await self._admit(scope, receive, limits, send_with_headers):
                 return
             if has_origin:
                 await self.cors(scope, receive, send_with_headers)
@@ -182,36 +186,44 @@ class EdgeMiddleware:
                 state.get(RATE_LIMITED),
             )
 
-    async def _admit(self, scope: Scope, limits: list[Limit], send: Send) -> bool:
+    async def _admit(self, scope: Scope, receive: Receive, limits: list[Limit], send: Send) -> bool:
         """Decide the per-IP limits; False once the refusal (429, 503, 500) has been sent."""
         state = scope["state"]
         try:
             state[DECISIONS].extend(await self.limiter.hit(limits))
         except ServiceUnavailable:
-            await _reply(send, 503, "service_unavailable", "rate limiter unavailable")
+            await self._reply(scope, receive, send, (503, "service_unavailable", "rate limiter unavailable"))
             return False
         except Exception as exc:  # a reply no one foresaw: still the JSON error body
             log_internal_error(cast("HTTPScope", scope)["method"], scope["path"], exc)
-            await _reply(send, 500, "internal_error", "internal server error")
+            await self._reply(scope, receive, send, (500, "internal_error", "internal server error"))
             return False
         if not state[DECISIONS][-1].allowed:
-            await self._refuse(state, send)
+            await self._refuse(scope, receive, send)
             return False
         return True
 
-    async def _refuse(self, state: dict[str, Any], send: Send) -> None:
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The 429 of a per-IP limit, described by the decisions made."""
+        state = scope["state"]
         full = _shown(state[DECISIONS])
         state[RATE_LIMITED] = full.name
         if full.name == "auth":
             await self._publish_rate_limited(state[CLIENT_IP], full)
-        await _reply(
-            send,
-            429,
-            "rate_limit_exceeded",
+        message = (
             f"too many requests. Limit: {full.limit} per {full.name} window. "
-            f"Try again in {full.reset_after}s.",
+            f"Try again in {full.reset_after}s."
         )
+        await self._reply(scope, receive, send, (429, "rate_limit_exceeded", message))
+
+    async def _reply(self, scope: Scope, receive: Receive, send: Send, refusal: tuple[int, str, str]) -> None:
+        """Send an edge refusal; a cross-origin request's goes through CORS, so that a browser
+        lets the page read it. A preflight's does not: CORS would answer the preflight itself."""
+        if cast("HTTPScope", scope)["method"] != "OPTIONS" and _read_headers(scope)[1]:
+            scope["state"][_REFUSAL] = refusal
+            await self.cors_refusal(scope, receive, send)
+        else:
+            await _reply(send, *refusal)
 
     async def _publish_rate_limited(self, ip: str, decision: RateDecision) -> None:
         event = Event(event_type=AUTH_RATE_LIMITED, data={"client_ip": ip, "limit": decision.name})
@@ -274,6 +286,10 @@ def _set_headers(message: HTTPResponseStartEvent, headers: list[tuple[bytes, byt
 
 
 _encode = msgspec.json.encode
+
+
+async def _send_refusal(scope: Scope, receive: Receive, send: Send) -> None:
+    await _reply(send, *scope["state"][_REFUSAL])
 
 
 async def _reply(send: Send, status: int, code: str, message: str) -> None:

@@ -281,6 +281,41 @@ async def test_cors_headers_on_router_errors_and_edge_headers_on_preflights(mem_
     assert preflight.headers["x-request-id"] and preflight.headers["x-ratelimit-limit"]
 
 
+async def test_edge_refusals_of_cross_origin_requests_carry_cors_headers(make_api):
+    # Without them a browser hides the 429 from the page, which sees a network error instead.
+    api = await make_api(rate_limit_global_requests=1)
+    origin = {"Origin": "http://localhost:3000"}
+    assert (await api.get("/api/v1/users/profile", headers=origin)).status_code == 401
+    refused = await api.post("/api/v1/auth/send-otp", {"phone_number": new_phone()}, headers=origin)
+    assert_error(refused, 429, "rate_limit_exceeded")
+    assert refused.headers["access-control-allow-origin"] == "http://localhost:3000"
+    exposed = refused.headers["access-control-expose-headers"].lower()
+    assert "retry-after" in exposed and "x-ratelimit-exceeded" in exposed
+    assert refused.headers["x-ratelimit-exceeded"] == "true" and refused.headers["x-request-id"]
+    assert api.sender.sent == []
+    other = await api.get("/api/v1/users/profile", headers={"Origin": "https://evil.example"})
+    assert_error(other, 429, "rate_limit_exceeded")
+    assert "access-control-allow-origin" not in other.headers
+    # A preflight past the limit is refused, not answered as allowed.
+    preflight = await api.client().options(
+        "/api/v1/auth/send-otp", headers={**origin, "Access-Control-Request-Method": "POST"}
+    )
+    assert_error(preflight, 429, "rate_limit_exceeded")
+    assert "access-control-allow-origin" not in preflight.headers
+
+
+FAILING_LIMITERS = [(BrokenLimiter, 503, "service_unavailable"), (FaultyLimiter, 500, "internal_error")]
+
+
+@pytest.mark.parametrize(("limiter", "status", "code"), FAILING_LIMITERS)
+async def test_a_failing_limiter_answers_cross_origin_requests_with_cors(make_api, limiter, status, code):
+    api = await make_api(overrides={"rate_limiter": limiter()})
+    body = {"phone_number": new_phone(), "otp_code": "1"}
+    response = await api.post("/api/v1/auth/verify-otp", body, headers={"Origin": "http://localhost:8080"})
+    assert_error(response, status, code)
+    assert response.headers["access-control-allow-origin"] == "http://localhost:8080"
+
+
 async def test_no_cors_headers_without_an_origin(mem_api):
     for response in (
         await mem_api.get("/health"),
