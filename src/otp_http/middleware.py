@@ -192,11 +192,11 @@ class EdgeMiddleware:
         try:
             state[DECISIONS].extend(await self.limiter.hit(limits))
         except ServiceUnavailable:
-            await self._reply(scope, receive, send, (503, "service_unavailable", "rate limiter unavailable"))
+            await self._deny(scope, receive, send, (503, "service_unavailable", "rate limiter unavailable"))
             return False
         except Exception as exc:  # a reply no one foresaw: still the JSON error body
             log_internal_error(cast("HTTPScope", scope)["method"], scope["path"], exc)
-            await self._reply(scope, receive, send, (500, "internal_error", "internal server error"))
+            await self._deny(scope, receive, send, (500, "internal_error", "internal server error"))
             return False
         if not state[DECISIONS][-1].allowed:
             await self._refuse(scope, receive, send)
@@ -214,9 +214,9 @@ class EdgeMiddleware:
             f"too many requests. Limit: {full.limit} per {full.name} window. "
             f"Try again in {full.reset_after}s."
         )
-        await self._reply(scope, receive, send, (429, "rate_limit_exceeded", message))
+        await self._deny(scope, receive, send, (429, "rate_limit_exceeded", message))
 
-    async def _reply(self, scope: Scope, receive: Receive, send: Send, refusal: tuple[int, str, str]) -> None:
+    async def _deny(self, scope: Scope, receive: Receive, send: Send, refusal: tuple[int, str, str]) -> None:
         """Send an edge refusal; a cross-origin request's goes through CORS, so that a browser
         lets the page read it. A preflight's does not: CORS would answer the preflight itself."""
         if cast("HTTPScope", scope)["method"] != "OPTIONS" and _read_headers(scope)[1]:
