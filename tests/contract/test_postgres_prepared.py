@@ -1,4 +1,4 @@
-"""PreparedStatement (adapters/pg_prepared.py) against a real Postgres: the sign-in's path to libpq."""
+"""PreparedStatement (adapters/pg_prepared.py) against a real Postgres: the sign-ins' path to libpq."""
 
 from __future__ import annotations
 
@@ -45,6 +45,16 @@ async def test_later_runs_on_a_connection_read_their_own_values(pg_database: Pos
             row = await ECHO.fetchone(conn, params)
             assert row == await (await conn.execute(ECHO.sql, params)).fetchone()
             assert row == {**params, "again": params["text"] == "a'b" if params["text"] else None}
+
+
+async def test_fetchall_reads_every_row_and_none_is_an_empty_list(pg_database: PostgresDatabase) -> None:
+    series = PreparedStatement(
+        "otp_test_series", "SELECT g AS n, g::text AS t FROM generate_series(1, %(last)s::int) g"
+    )
+    async with pg_database.connection() as conn:
+        assert await series.fetchall(conn, {"last": 3}) == [{"n": n, "t": str(n)} for n in (1, 2, 3)]
+        assert await series.fetchall(conn, {"last": 0}) == []
+        assert await series.fetchone(conn, {"last": 2}) == {"n": 1, "t": "1"}
 
 
 async def test_a_connection_closed_is_forgotten(pg_dsn: str) -> None:

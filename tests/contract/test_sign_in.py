@@ -15,6 +15,7 @@ import pytest
 from otpcore.adapters.memory import MemorySessionStore, MemoryUserRepo
 from otpcore.adapters.postgres import PostgresSessionStore, PostgresSignIn, PostgresUserRepo
 from otpcore.adapters.sqlite import SqliteSessionStore, SqliteUserRepo
+from otpcore.domain.errors import ServiceUnavailable
 from otpcore.domain.model import Role
 from otpcore.domain.ports import NewSession
 from otpcore.domain.services import StepwiseSignIn
@@ -147,3 +148,103 @@ async def test_truncating_users_takes_their_sessions_along(pg_database) -> None:
         await conn.execute("TRUNCATE users RESTART IDENTITY")
     assert await sessions.get(opening.id) is None
     assert await sessions.find(opening.token_hash) is None
+
+
+def _counting_statements(store: PostgresSignIn) -> list[list[str]]:
+    """The numbers of each statement that signs existing users in, as the store runs them."""
+    batches: list[list[str]] = []
+    run = store._known.store
+
+    async def counted(openings):
+        batches.append([opening.phone for opening in openings])
+        return await run(openings)
+
+    store._known.store = counted
+    return batches
+
+
+async def test_postgres_sign_ins_arriving_together_share_a_statement(pg_database) -> None:
+    users, sessions = PostgresUserRepo(pg_database), PostgresSessionStore(pg_database)
+    store = PostgresSignIn(users, sessions)
+    phones = [f"+1415555{n:04d}" for n in range(20)]
+    known = {
+        p: (await store.sign_in(p, name=p[-4:], role=Role.USER, session=new_session())).user for p in phones
+    }
+    batches = _counting_statements(store)
+    openings = [new_session() for _ in phones]
+
+    signed = await asyncio.gather(
+        *(store.sign_in(p, name="", role=Role.USER, session=s) for p, s in zip(phones, openings, strict=True))
+    )
+
+    assert [len(b) for b in batches] == [20]  # all arrived before the statement went: one for all
+    for phone, opening, sign_in in zip(phones, openings, signed, strict=True):
+        assert sign_in.user == known[phone] and not sign_in.created
+        assert sign_in.session is not None and (sign_in.session.id, sign_in.session.user_id) == (
+            opening.id,
+            known[phone].id,
+        )
+        stored = await sessions.find(opening.token_hash)  # each its own token, to its own user
+        assert stored is not None and (stored.id, stored.user_id) == (opening.id, known[phone].id)
+        assert stored.created_at == opening.created_at and stored.expires_at == opening.expires_at
+
+
+async def test_postgres_batch_of_known_new_inactive_and_repeated_numbers(pg_database) -> None:
+    users, sessions = PostgresUserRepo(pg_database), PostgresSessionStore(pg_database)
+    store = PostgresSignIn(users, sessions)
+    active, inactive, new = "+14155550001", "+14155550002", "+14155550003"
+    for phone in (active, inactive):
+        await store.sign_in(phone, name="", role=Role.USER, session=new_session())
+    sleeper = await users.get_by_phone(inactive)
+    assert sleeper is not None
+    await users.update(sleeper.id, is_active=False)
+    batches = _counting_statements(store)
+    calls = [(active, "a1"), (new, "New"), (inactive, ""), (active, "a2"), (new, "Other"), (active, "a3")]
+    openings = [new_session() for _ in calls]
+
+    signed = await asyncio.gather(
+        *(
+            store.sign_in(p, name=n, role=Role.USER, session=s)
+            for (p, n), s in zip(calls, openings, strict=True)
+        )
+    )
+
+    assert all(len(set(batch)) == len(batch) for batch in batches)  # no number twice in one
+    by_phone = {
+        phone: [s for (p, _), s in zip(calls, signed, strict=True) if p == phone] for phone in (active, new)
+    }
+    assert len({s.user.id for s in by_phone[active]}) == 1 and not any(s.created for s in by_phone[active])
+    assert len({s.user.id for s in by_phone[new]}) == 1 and sum(s.created for s in by_phone[new]) == 1
+    assert by_phone[new][0].user.name == "New"  # the first to create it named it
+    assert signed[2].user.id == sleeper.id and signed[2].session is None
+    assert await sessions.find(openings[2].token_hash) is None
+    for (phone, _), opening, sign_in in zip(calls, openings, signed, strict=True):
+        if phone != inactive:
+            stored = await sessions.find(opening.token_hash)
+            assert sign_in.session is not None and stored is not None
+            assert stored.user_id == sign_in.user.id
+
+
+async def test_postgres_sign_ins_waiting_on_a_failing_statement_each_hear_it(pg_database) -> None:
+    users, sessions = PostgresUserRepo(pg_database), PostgresSessionStore(pg_database)
+    store = PostgresSignIn(users, sessions)
+    await store.sign_in(PHONE, name="", role=Role.USER, session=new_session())
+    async with pg_database.connection() as conn:  # every insert of a session now fails
+        await conn.execute("ALTER TABLE sessions ADD CONSTRAINT refuse_all CHECK (false) NOT VALID")
+
+    results = await asyncio.gather(
+        *(
+            store.sign_in(
+                PHONE if n == 0 else f"+1415555{n:04d}", name="", role=Role.USER, session=new_session()
+            )
+            for n in range(6)
+        ),
+        return_exceptions=True,
+    )
+
+    assert all(isinstance(r, ServiceUnavailable) for r in results), results
+    assert len({id(r) for r in results}) == 6  # each request raises an exception of its own
+    async with pg_database.connection() as conn:
+        await conn.execute("ALTER TABLE sessions DROP CONSTRAINT refuse_all")
+    signed = await store.sign_in(PHONE, name="", role=Role.USER, session=(opening := new_session()))
+    assert signed.session is not None and await sessions.get(opening.id) is not None

@@ -1,4 +1,4 @@
-"""One statement through libpq directly: the sign-in, the request path's one statement.
+"""A statement through libpq directly: the sign-ins, the request path's statements.
 
 psycopg's cursor path costs ~50 µs of client CPU per statement here on top of libpq (a cursor
 with its own transformer, query conversion, prepare bookkeeping, result objects), about a tenth
@@ -70,8 +70,13 @@ class PreparedStatement:
 
     async def fetchone(self, conn: AsyncConnection[Any], params: Mapping[str, Any]) -> dict[str, Any] | None:
         """The statement's first row as a dict (None when it returns none)."""
+        rows = await self.fetchall(conn, params)
+        return rows[0] if rows else None
+
+    async def fetchall(self, conn: AsyncConnection[Any], params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The statement's rows as dicts."""
         if _tracer is None:
-            return await self._fetchone(conn, params)
+            return await self._fetchall(conn, params)
         with _tracer.start_as_current_span(self.label, kind=trace.SpanKind.CLIENT) as span:
             info = conn.info
             span.set_attributes(
@@ -84,9 +89,9 @@ class PreparedStatement:
                     "net.peer.port": info.port,
                 }
             )
-            return await self._fetchone(conn, params)
+            return await self._fetchall(conn, params)
 
-    async def _fetchone(self, conn: AsyncConnection[Any], params: Mapping[str, Any]) -> dict[str, Any] | None:
+    async def _fetchall(self, conn: AsyncConnection[Any], params: Mapping[str, Any]) -> list[dict[str, Any]]:
         names = self._prepared.get(conn)
         if names is None:
             await self._prepare(conn)
@@ -109,11 +114,11 @@ class PreparedStatement:
         if result.status != pq.ExecStatus.TUPLES_OK:
             raise e.error_from_result(result, encoding=conn.info.encoding)
         if not result.ntuples:
-            return None
+            return []
         tx.set_pgresult(result)
         if not names:
             names += [(result.fname(i) or b"").decode() for i in range(result.nfields)]
-        return dict(zip(names, tx.load_row(0, tuple), strict=True))
+        return [dict(zip(names, row, strict=True)) for row in tx.load_rows(0, result.ntuples, tuple)]
 
     async def _prepare(self, conn: AsyncConnection[Any]) -> None:
         pgconn = conn.pgconn

@@ -22,12 +22,14 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import psycopg
 from psycopg import AsyncConnection
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from otpcore.adapters.group_commit import GroupCommit
 from otpcore.adapters.migrations import migration_files
 from otpcore.adapters.pg_prepared import PreparedStatement
 from otpcore.domain.errors import ServiceUnavailable
@@ -464,10 +466,10 @@ class PostgresSessionStore:
         assert row is not None
         return _session(row)
 
-    async def sweep_when_due(self, conn: Connection, now: datetime) -> None:
-        """Called with every session opened: once in ``SWEEP_EVERY``, deletes the long expired."""
-        self._creates += 1
-        if self._creates % self.SWEEP_EVERY == 0:
+    async def sweep_when_due(self, conn: Connection, now: datetime, opened: int = 1) -> None:
+        """Called as ``opened`` sessions are opened: once in ``SWEEP_EVERY``, deletes the long expired."""
+        before, self._creates = self._creates, self._creates + opened
+        if before // self.SWEEP_EVERY != self._creates // self.SWEEP_EVERY:
             cutoff = datetime.fromtimestamp(now.timestamp() - self.SWEEP_GRACE, UTC)
             await conn.execute("DELETE FROM sessions WHERE expires_at < %s", (cutoff,))
 
@@ -533,29 +535,75 @@ WITH {_FIND_OR_CREATE}, session AS (
 SELECT signed.*, session.id IS NOT NULL AS opened FROM signed LEFT JOIN session ON true
 """  # noqa: S608 - only constants are interpolated
 
+# Sign-ins of users who exist, many in one statement (no number twice): each input row (the
+# number, the new session) gets its user back and, if the user is active, its session. A number
+# with no user yet gets no row: its caller creates the user with _SIGN_IN. Only existing users,
+# so that batches never insert users: two batches inserting the same new numbers (and their
+# name counts) in different orders could deadlock, failing every sign-in of both.
+_SIGN_IN_KNOWN = f"""
+WITH input AS (
+    SELECT * FROM json_to_recordset(%(sign_ins)s::json) AS s(
+        phone text, session_id text, token_hash text, opened_at timestamptz, expires_at timestamptz
+    )
+), signed AS (
+    SELECT s.*, {", ".join(f"u.{column}" for column in _USER_COLUMNS.split(", "))}
+    FROM input s JOIN users u ON u.phone_number = s.phone
+), session AS (
+    INSERT INTO sessions (id, user_id, token_hash, created_at, expires_at)
+    SELECT session_id, id, decode(token_hash, 'hex'), opened_at, expires_at FROM signed WHERE is_active
+)
+SELECT {_USER_COLUMNS}, false AS created, is_active AS opened FROM signed
+"""  # noqa: S608 - only constants are interpolated
 
 _SIGN_IN_STATEMENT = PreparedStatement("otp_sign_in", _SIGN_IN)
+_SIGN_IN_KNOWN_STATEMENT = PreparedStatement("otp_sign_in_known", _SIGN_IN_KNOWN)
+
+
+class _Opening(msgspec.Struct, frozen=True):
+    """A row of _SIGN_IN_KNOWN's input."""
+
+    phone: str
+    session_id: str
+    token_hash: str
+    opened_at: datetime
+    expires_at: datetime
 
 
 class PostgresSignIn:
-    """``SignInStore``: the user and the session in one statement, one round trip."""
+    """``SignInStore`` in as few statements as the load allows.
+
+    A sign-in's commit waits for Postgres's log flush, and a statement costs both sides far more
+    than a row (measured: ~190 µs of Postgres CPU and ~180 µs of the caller's for one sign-in a
+    statement, ~57 and ~43 per sign-in at four a statement). So sign-ins of users who exist are
+    group commits (``group_commit``): those arriving while one statement is in flight go
+    together in the next, at most ``MAX_BATCH`` and no number twice. A first sign-in then
+    creates its user in a statement of its own (_SIGN_IN).
+    """
+
+    MAX_BATCH = 64
 
     def __init__(self, users: PostgresUserRepo, sessions: PostgresSessionStore) -> None:
         self.users = users
         self.sessions = sessions
         self._two_steps = StepwiseSignIn(users=users, sessions=sessions)
+        self._known = GroupCommit(
+            self._sign_in_known,
+            max_weight=self.MAX_BATCH,
+            key=lambda opening: opening.phone,
+            stopped="the database closed before the sign-in was confirmed",
+        )
 
     async def sign_in(self, phone: str, *, name: str, role: Role, session: NewSession) -> SignIn:
-        params = {
-            **self.users.new_user(phone, name, role),
-            "session_id": session.id,
-            "session_created_at": session.created_at,
-            "expires_at": session.expires_at,
-            "token_hash": session.token_hash,
-        }
-        async with self.users.db.connection() as conn:
-            await self.sessions.sweep_when_due(conn, session.created_at)
-            row = await _SIGN_IN_STATEMENT.fetchone(conn, params)
+        opening = _Opening(
+            phone=phone,
+            session_id=session.id,
+            token_hash=session.token_hash.hex(),
+            opened_at=session.created_at,
+            expires_at=session.expires_at,
+        )
+        row = await self._known.submit(opening) or await self._sign_in_new(
+            phone, name=name, role=role, session=session
+        )
         if row is None:  # lost the race to a concurrent first login: its row is committed
             return await self._two_steps.sign_in(phone, name=name, role=role, session=session)
         opened = None
@@ -567,6 +615,25 @@ class PostgresSignIn:
                 expires_at=session.expires_at,
             )
         return SignIn(user=_user(row), created=row["created"], session=opened)
+
+    async def _sign_in_known(self, openings: list[_Opening]) -> list[DictRow | None]:
+        params = {"sign_ins": msgspec.json.encode(openings).decode()}
+        async with self.users.db.connection() as conn:
+            await self.sessions.sweep_when_due(conn, openings[0].opened_at, len(openings))
+            rows = await _SIGN_IN_KNOWN_STATEMENT.fetchall(conn, params)
+        found = {row["phone_number"]: row for row in rows}
+        return [found.get(opening.phone) for opening in openings]
+
+    async def _sign_in_new(self, phone: str, *, name: str, role: Role, session: NewSession) -> DictRow | None:
+        params = {
+            **self.users.new_user(phone, name, role),
+            "session_id": session.id,
+            "session_created_at": session.created_at,
+            "expires_at": session.expires_at,
+            "token_hash": session.token_hash,
+        }
+        async with self.users.db.connection() as conn:  # the sweep counted it with its batch
+            return await _SIGN_IN_STATEMENT.fetchone(conn, params)
 
 
 async def _fetch(cursor: psycopg.AsyncCursor[DictRow]) -> DictRow:

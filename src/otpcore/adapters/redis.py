@@ -11,8 +11,6 @@ one client IP) on one Redis Cluster slot, so each script's keys are on one node.
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextvars
 import hashlib
 import itertools
 import math
@@ -29,6 +27,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
 
+from otpcore.adapters.group_commit import GroupCommit
 from otpcore.adapters.redis_wire import Wire
 from otpcore.domain.errors import ServiceUnavailable
 from otpcore.domain.events import Event
@@ -36,8 +35,6 @@ from otpcore.domain.ports import CodeCheck, CodeOutcome, Limit, RateDecision
 
 Clock = Callable[[], float]
 T = TypeVar("T")
-# A publish waiting for its append: its encoded events, and what it awaits.
-_Queued = tuple[list[bytes], "asyncio.Future[None]"]
 
 # A PING before reusing a connection idle this long finds connections a restart left dead.
 HEALTH_CHECK_INTERVAL = 10
@@ -400,21 +397,6 @@ def _decisions(limits: Sequence[Limit], reply: list[Any], first: int, *, allowed
     ]
 
 
-def _fail(batch: Sequence[_Queued], error: Exception) -> None:
-    """Fail each waiting publisher of ``batch`` with a ServiceUnavailable of its own (one
-    exception object raised in many requests would gather all their tracebacks)."""
-    message: str | None = None
-    cause: BaseException | None = error
-    if isinstance(error, ServiceUnavailable):
-        message, cause = error.message, error.__cause__
-    for _, appended in batch:
-        if appended.done():
-            continue  # its publisher gave up
-        own = ServiceUnavailable(message)
-        own.__cause__ = cause
-        appended.set_exception(own)
-
-
 def _ms(seconds: float) -> int:
     return round(seconds * 1000)
 
@@ -581,81 +563,37 @@ class RedisEventBus:
             raise ValueError("batch_size must be at least 1")
         self.batch_size = batch_size
         self._decoder = msgspec.json.Decoder(Event)
-        self._append = keyspace.script(_APPEND)
-        self._queued: collections.deque[_Queued] = collections.deque()
-        self._appender: asyncio.Task[None] | None = None
+        self._append_script = keyspace.script(_APPEND)
+        self._appends = GroupCommit(
+            self._append,
+            max_weight=batch_size,
+            weight=len,
+            stopped="the event bus stopped before its append was confirmed",
+        )
 
     async def publish(self, *events: Event) -> None:
         """Append ``events`` together (in one command with other publishers' when they queue)."""
-        if not events:
-            return
-        appended = asyncio.get_running_loop().create_future()
-        self._queued.append(([msgspec.json.encode(event) for event in events], appended))
-        if self._appender is None or self._appender.done():
-            # A context of its own: the batches it appends are no one request's (trace, log ids).
-            self._appender = asyncio.create_task(self._append_queued(), context=contextvars.Context())
-        await appended
+        if events:
+            await self._appends.submit([msgspec.json.encode(event) for event in events])
 
-    def _take(self) -> list[_Queued]:
-        """The next batch: queued publishes in order, whole, up to ``batch_size`` events (one
-        larger publish goes alone). Publishers that gave up, or wait on another (closed) event
-        loop, are dropped: nobody would hear that their events were stored."""
-        loop = asyncio.get_running_loop()
-        batch: list[_Queued] = []
-        size = 0
-        while self._queued:
-            payloads, appended = self._queued[0]
-            if appended.done() or appended.get_loop() is not loop:
-                self._queued.popleft()
-                continue
-            if batch and size + len(payloads) > self.batch_size:
-                break
-            batch.append(self._queued.popleft())
-            size += len(payloads)
-        return batch
-
-    async def _append_queued(self) -> None:
-        batch: list[_Queued] = []
-        try:
-            while batch := self._take():
-                try:
-                    await self._send([payload for payloads, _ in batch for payload in payloads])
-                except Exception as exc:
-                    if isinstance(exc, ServiceUnavailable):
-                        # Those queued meanwhile hear it too, rather than each waiting out a
-                        # timeout of its own, batch after batch; a later publish tries afresh.
-                        batch += self._queued
-                        self._queued.clear()
-                    _fail(batch, exc)
-                else:
-                    for _, appended in batch:
-                        if not appended.done():
-                            appended.set_result(None)
-            batch = []
-        finally:
-            # Cancelled (shutdown): the batch in flight may or may not have been stored.
-            stranded = batch + list(self._queued)
-            self._queued.clear()
-            if stranded:
-                _fail(stranded, ServiceUnavailable("the event bus stopped before its append was confirmed"))
+    async def _append(self, publishes: list[list[bytes]]) -> list[None]:
+        await self._send([payload for payloads in publishes for payload in payloads])
+        return [None] * len(publishes)
 
     async def _send(self, payloads: list[bytes]) -> None:
         if len(payloads) == 1:
             trim = ("MAXLEN", "~", self.max_len)
             await self.keyspace.call("XADD", self.stream, *trim, "*", self.FIELD, payloads[0])
         else:
-            await self.keyspace.run(self._append, [self.stream], [self.max_len, *payloads])
+            await self.keyspace.run(self._append_script, [self.stream], [self.max_len, *payloads])
 
     async def drain(self) -> None:
         """Wait for the appends still in flight (on shutdown); cancelling the wait leaves them be."""
-        if self._appender is not None and not self._appender.done():
-            await asyncio.wait([self._appender])
+        await self._appends.drain()
 
     async def aclose(self) -> None:
         """Stop appending: an append still in flight is cancelled, its publishers told so."""
-        if self._appender is not None and not self._appender.done():
-            self._appender.cancel()
-            await asyncio.wait([self._appender])
+        await self._appends.aclose()
 
     async def read_all(self) -> list[Event]:
         """Every event the stream holds, oldest first (for tests and tools)."""
