@@ -156,7 +156,7 @@ def _counting_statements(store: PostgresSignIn) -> list[list[str]]:
     run = store._known.store
 
     async def counted(openings):
-        batches.append([opening.phone for opening in openings])
+        batches.append([opening.phone for opening, _ in openings])
         return await run(openings)
 
     store._known.store = counted

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -32,6 +33,15 @@ def test_spans_cover_http_redis_and_postgres(workdir: Path, production_env: dict
         )
         body = {"phone_number": phone, "otp_code": server.code_for(phone)}
         assert httpx.post(f"{server.base}/api/v1/auth/verify-otp", json=body).status_code == 200
+        # Again, now that the user exists: the sign-in goes through the group commit.
+        assert (
+            httpx.post(f"{server.base}/api/v1/auth/send-otp", json={"phone_number": phone}).status_code == 200
+        )
+        deadline = time.monotonic() + 5
+        while server.log.read_text().count(f"OTP for {phone}: ") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        again = {"phone_number": phone, "otp_code": server.code_for(phone)}
+        assert httpx.post(f"{server.base}/api/v1/auth/verify-otp", json=again).status_code == 200
     finally:
         server.stop()  # SIGTERM: the batch processor flushes on exit
     spans = spans_in(server.log.read_text())
@@ -46,6 +56,14 @@ def test_spans_cover_http_redis_and_postgres(workdir: Path, production_env: dict
         span["name"] == "otp_sign_in" and span["attributes"].get("db.system") == "postgresql"
         for span in spans
     ), [span["name"] for span in spans]
+    # Sign-ins first look for an existing user in a batch, outside the request's trace (the new
+    # user's too, before otp_sign_in creates it): each batch's span links to its requests'.
+    batches = [span for span in spans if span["name"] == "otp_sign_in_known"]
+    server_traces = {span["context"]["trace_id"] for span in spans if span["kind"] == "SpanKind.SERVER"}
+    linked = [{link["context"]["trace_id"] for link in batch["links"]} for batch in batches]
+    assert len(batches) == 2 and all(len(traces) == 1 and traces <= server_traces for traces in linked)
+    assert linked[0] != linked[1]
+    assert not {batch["context"]["trace_id"] for batch in batches} & server_traces
     assert any(
         "send-otp" in span["name"]
         or span["attributes"].get("http.target") == "/api/v1/auth/send-otp"

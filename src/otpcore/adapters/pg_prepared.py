@@ -73,11 +73,19 @@ class PreparedStatement:
         rows = await self.fetchall(conn, params)
         return rows[0] if rows else None
 
-    async def fetchall(self, conn: AsyncConnection[Any], params: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """The statement's rows as dicts."""
+    async def fetchall(
+        self,
+        conn: AsyncConnection[Any],
+        params: Mapping[str, Any],
+        *,
+        for_spans: Sequence[trace.SpanContext] = (),
+    ) -> list[dict[str, Any]]:
+        """The statement's rows as dicts. ``for_spans``: the requests it runs for, when it runs
+        for several (a group commit, outside any one's trace): its span links to each."""
         if _tracer is None:
             return await self._fetchall(conn, params)
-        with _tracer.start_as_current_span(self.label, kind=trace.SpanKind.CLIENT) as span:
+        links = [trace.Link(context) for context in for_spans if context.is_valid]
+        with _tracer.start_as_current_span(self.label, kind=trace.SpanKind.CLIENT, links=links) as span:
             info = conn.info
             span.set_attributes(
                 {

@@ -24,6 +24,7 @@ from typing import Any
 
 import msgspec
 import psycopg
+from opentelemetry import trace
 from psycopg import AsyncConnection
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow, dict_row
@@ -589,7 +590,7 @@ class PostgresSignIn:
         self._known = GroupCommit(
             self._sign_in_known,
             max_weight=self.MAX_BATCH,
-            key=lambda opening: opening.phone,
+            key=lambda submitted: submitted[0].phone,
             stopped="the database closed before the sign-in was confirmed",
         )
 
@@ -601,7 +602,9 @@ class PostgresSignIn:
             opened_at=session.created_at,
             expires_at=session.expires_at,
         )
-        row = await self._known.submit(opening) or await self._sign_in_new(
+        # The request's span goes along: the batch's statement runs outside any one trace.
+        submitted = (opening, trace.get_current_span().get_span_context())
+        row = await self._known.submit(submitted) or await self._sign_in_new(
             phone, name=name, role=role, session=session
         )
         if row is None:  # lost the race to a concurrent first login: its row is committed
@@ -616,11 +619,13 @@ class PostgresSignIn:
             )
         return SignIn(user=_user(row), created=row["created"], session=opened)
 
-    async def _sign_in_known(self, openings: list[_Opening]) -> list[DictRow | None]:
+    async def _sign_in_known(self, batch: list[tuple[_Opening, trace.SpanContext]]) -> list[DictRow | None]:
+        openings = [opening for opening, _ in batch]
         params = {"sign_ins": msgspec.json.encode(openings).decode()}
         async with self.users.db.connection() as conn:
             await self.sessions.sweep_when_due(conn, openings[0].opened_at, len(openings))
-            rows = await _SIGN_IN_KNOWN_STATEMENT.fetchall(conn, params)
+            spans = [span for _, span in batch]
+            rows = await _SIGN_IN_KNOWN_STATEMENT.fetchall(conn, params, for_spans=spans)
         found = {row["phone_number"]: row for row in rows}
         return [found.get(opening.phone) for opening in openings]
 
