@@ -6,10 +6,12 @@ sent over a single connection whose replies are parsed by hiredis in the protoco
 costs about 40 µs, and commands of concurrent requests are in flight together (pipelining).
 redis-py keeps everything else: pub/sub, blocking reads, cluster.
 
-Each command is written as it is issued, not gathered into one write per loop iteration: Redis
-starts on it while the worker goes on with other requests. Gathered, the two took turns, and
-under load both cores sat idle about a tenth of the time (measured on profile reads and sends,
-at no less CPU per request).
+A command is written at once when Redis holds none of ours; issued while it does, it waits for
+the next reply and goes with the others that waited, in one write. On loopback TCP the writer
+pays for the segment's delivery too: one write per reply instead of one per command took send-otp
+from ~318 to ~281 µs of machine CPU (Redis ~67 -> ~52, the worker ~213 -> ~193). Redis is not
+left waiting for a loop iteration to end: gathering each iteration's commands instead made the
+two take turns, and both cores sat idle about a tenth of the time.
 
 Replies come back in the order commands were written, so each waiter is a future in a FIFO.
 A connection that stops answering (the oldest waiter older than ``timeout``) or closes fails
@@ -99,6 +101,11 @@ class _Protocol(asyncio.Protocol):
                     waiter.set_result(reply)
         except (hiredis.ProtocolError, IndexError) as exc:
             self.wire.abort(self, rex.ConnectionError(f"Redis protocol error: {exc}"))
+            return
+        unsent = self.wire.unsent
+        if unsent and self.transport is not None:
+            self.transport.write(b"".join(unsent))
+            unsent.clear()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.wire.abort(self, rex.ConnectionError("Redis closed the connection"))
@@ -133,6 +140,8 @@ class Wire:
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
+        # Commands waiting for the next reply to go together (their waiters are queued already).
+        self.unsent: list[bytes] = []
 
     @staticmethod
     def understands(url: str) -> bool:
@@ -204,8 +213,11 @@ class Wire:
             waiter.set_exception(error)
             return
         now = loop.time()
+        if self.waiters:  # Redis holds ours: this goes with the next reply (see the module)
+            self.unsent.append(command)
+        else:
+            protocol.transport.write(command)
         self.waiters.append((waiter, now))
-        protocol.transport.write(command)
         if self._watchdog is None:
             self._watchdog = loop.call_at(now + self.timeout, self._check_stalled)
 
@@ -277,6 +289,7 @@ class Wire:
             self._watchdog.cancel()
             self._watchdog = None
         waiters, self.waiters = self.waiters, collections.deque()
+        self.unsent.clear()
         for waiter, _ in waiters:
             if not waiter.done():
                 waiter.set_exception(error)
