@@ -319,6 +319,9 @@ class Core:
         if invalidations is not None:
             await invalidations.aclose()  # the caches' listener, before the Redis client goes
         self.telemetry.shutdown()
+        sign_ins = self.container.sign_in()
+        if isinstance(sign_ins, PostgresSignIn):
+            await sign_ins.drain()  # a batch of sign-ins in flight, before its database goes
         if self.settings.storage != "memory":
             await self._database().close()
         await self._close_event_buses()  # before the Redis client goes

@@ -134,8 +134,41 @@ async def test_postgres_sign_in_sweeps_long_expired_sessions(pg_database) -> Non
     old = new_session(NOW - timedelta(days=40))
     await store.sign_in(PHONE, name="", role=Role.USER, session=old)
     await store.sign_in(PHONE, name="", role=Role.USER, session=new_session())
+    await store.drain()  # the sweep runs apart from the sign-ins
 
     assert await sessions.get(old.id) is None  # expired ten days before the second sign-in
+
+
+async def test_postgres_a_failing_sweep_fails_no_sign_in(pg_database, caplog) -> None:
+    users, sessions = PostgresUserRepo(pg_database), PostgresSessionStore(pg_database)
+    store = PostgresSignIn(users, sessions)
+    sessions.SWEEP_EVERY = 2
+    async with pg_database.connection() as conn:  # every DELETE of sessions now fails
+        await conn.execute(
+            "CREATE FUNCTION refuse_delete() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN RAISE EXCEPTION 'no deletes'; END $$"
+        )
+        await conn.execute(
+            "CREATE TRIGGER refuse_delete BEFORE DELETE ON sessions"
+            " FOR EACH STATEMENT EXECUTE FUNCTION refuse_delete()"
+        )
+    try:
+        await store.sign_in(PHONE, name="", role=Role.USER, session=new_session())
+        openings = [new_session() for _ in range(4)]
+        signed = await asyncio.gather(
+            *(
+                store.sign_in(PHONE if n == 0 else f"+1415555{n:04d}", name="", role=Role.USER, session=s)
+                for n, s in enumerate(openings)
+            )
+        )
+        await store.drain()
+    finally:
+        async with pg_database.connection() as conn:  # the next test's cleanup deletes sessions
+            await conn.execute("DROP TRIGGER refuse_delete ON sessions")
+
+    assert all(s.session is not None for s in signed)
+    assert all([await sessions.get(s.id) is not None for s in openings])
+    assert "sweeping expired sessions failed" in caplog.text
 
 
 async def test_truncating_users_takes_their_sessions_along(pg_database) -> None:

@@ -153,6 +153,32 @@ async def test_drain_waits_for_the_batch_in_flight_and_aclose_tells_its_callers(
     assert await group.submit("later") == "LATER"  # a later call starts afresh
 
 
+async def test_a_store_answering_for_fewer_items_fails_the_whole_batch() -> None:
+    async def short(items: list[str]) -> list[str]:
+        return items[1:]
+
+    group = GroupCommit(short, max_weight=10)
+    results = await asyncio.gather(*(group.submit(f"i{n}") for n in range(3)), return_exceptions=True)
+    assert all(isinstance(r, ServiceUnavailable) and isinstance(r.__cause__, RuntimeError) for r in results)
+
+
+async def test_a_weight_that_raises_fails_the_callers_rather_than_losing_them() -> None:
+    def weight(item: str) -> int:
+        if item == "bad":
+            raise ValueError(item)
+        return 1
+
+    store = Store()
+    group = GroupCommit(store, max_weight=10, weight=weight)
+    first = await _held_first(group, store)
+    queued = [asyncio.create_task(group.submit(item)) for item in ("a", "bad", "b")]
+    store.release.set()
+
+    results = await asyncio.wait_for(asyncio.gather(first, *queued, return_exceptions=True), 5)
+    assert results[0] == "FIRST"
+    assert all(isinstance(r, ServiceUnavailable) for r in results[1:]), results
+
+
 def test_max_weight_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_weight"):
         GroupCommit(Store(), max_weight=0)

@@ -65,24 +65,31 @@ class GroupCommit(Generic[Item, Result]):
         later: list[tuple[Item, asyncio.Future[Result]]] = []
         keys: set[Hashable] = set()
         total = 0
-        while self._queued:
-            item, stored = self._queued[0]
-            if stored.done() or stored.get_loop() is not loop:
-                self._queued.popleft()
-                continue
-            weight = 1 if self.weight is None else self.weight(item)
-            if batch and total + weight > self.max_weight:
-                break
-            self._queued.popleft()
-            if self.key is not None:
-                key = self.key(item)
-                if key in keys:
-                    later.append((item, stored))
+        try:
+            # Items held back for their key are counted too, so a queue of one key's items is
+            # not scanned whole for every batch.
+            while self._queued and len(later) < self.max_weight:
+                item, stored = self._queued[0]
+                if stored.done() or stored.get_loop() is not loop:
+                    self._queued.popleft()
                     continue
-                keys.add(key)
-            batch.append((item, stored))
-            total += weight
-        self._queued.extendleft(reversed(later))
+                weight = 1 if self.weight is None else self.weight(item)
+                if batch and total + weight > self.max_weight:
+                    break
+                if self.key is not None:
+                    key = self.key(item)
+                    if key in keys:
+                        later.append(self._queued.popleft())
+                        continue
+                    keys.add(key)
+                batch.append(self._queued.popleft())
+                total += weight
+        except BaseException:
+            later = batch + later  # back in the queue, to hear why the runner stopped
+            batch = []
+            raise
+        finally:
+            self._queued.extendleft(reversed(later))
         return batch
 
     async def _run(self) -> None:
@@ -91,6 +98,8 @@ class GroupCommit(Generic[Item, Result]):
             while batch := self._take():
                 try:
                     results = await self.store([item for item, _ in batch])
+                    if len(results) != len(batch):
+                        raise RuntimeError(f"{len(results)} results for a batch of {len(batch)}")
                 except Exception as exc:
                     if isinstance(exc, ServiceUnavailable):
                         # Those queued meanwhile hear it too, rather than each waiting out a
@@ -99,7 +108,7 @@ class GroupCommit(Generic[Item, Result]):
                         self._queued.clear()
                     _fail(batch, exc)
                 else:
-                    for (_, stored), result in zip(batch, results, strict=True):
+                    for (_, stored), result in zip(batch, results, strict=True):  # checked above
                         if not stored.done():
                             stored.set_result(result)
                 batch = []

@@ -13,6 +13,8 @@ says so, or closes it, first), with the pool's query check otherwise or after a 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import logging
 import math
 import select
 import time
@@ -39,6 +41,7 @@ from otpcore.domain.ports import NewSession, Rotation, RotationOutcome, Session,
 from otpcore.domain.services import StepwiseSignIn
 
 Clock = Callable[[], float]
+log = logging.getLogger("otpcore.postgres")
 Connection = AsyncConnection[DictRow]
 
 # A pooled connection idle longer than this is checked with a query as it leaves the pool.
@@ -444,6 +447,7 @@ class PostgresSessionStore:
     def __init__(self, db: PostgresDatabase) -> None:
         self.db = db
         self._creates = 0
+        self._sweeping: asyncio.Task[None] | None = None
 
     async def create(
         self,
@@ -467,12 +471,37 @@ class PostgresSessionStore:
         assert row is not None
         return _session(row)
 
-    async def sweep_when_due(self, conn: Connection, now: datetime, opened: int = 1) -> None:
-        """Called as ``opened`` sessions are opened: once in ``SWEEP_EVERY``, deletes the long expired."""
+    async def sweep_when_due(self, conn: Connection, now: datetime) -> None:
+        """Called with every session opened: once in ``SWEEP_EVERY``, deletes the long expired."""
+        if self._due(1):
+            await self._sweep(conn, now)
+
+    def sweep_apart_when_due(self, now: datetime, opened: int) -> None:
+        """``sweep_when_due`` for ``opened`` sessions opened together, sweeping on a connection
+        and in a task of its own: a slow or failing sweep holds up and fails no sign-in."""
+        if self._due(opened) and (self._sweeping is None or self._sweeping.done()):
+            self._sweeping = asyncio.create_task(self._sweep_apart(now), context=contextvars.Context())
+
+    async def drain(self) -> None:
+        """Wait for a sweep in flight (on shutdown)."""
+        if self._sweeping is not None and not self._sweeping.done():
+            await asyncio.wait([self._sweeping])
+
+    def _due(self, opened: int) -> bool:
         before, self._creates = self._creates, self._creates + opened
-        if before // self.SWEEP_EVERY != self._creates // self.SWEEP_EVERY:
-            cutoff = datetime.fromtimestamp(now.timestamp() - self.SWEEP_GRACE, UTC)
-            await conn.execute("DELETE FROM sessions WHERE expires_at < %s", (cutoff,))
+        return before // self.SWEEP_EVERY != self._creates // self.SWEEP_EVERY
+
+    async def _sweep(self, conn: Connection, now: datetime) -> None:
+        cutoff = datetime.fromtimestamp(now.timestamp() - self.SWEEP_GRACE, UTC)
+        await conn.execute("DELETE FROM sessions WHERE expires_at < %s", (cutoff,))
+
+    async def _sweep_apart(self, now: datetime) -> None:
+        try:
+            async with self.db.connection() as conn:
+                await self._sweep(conn, now)
+        except ServiceUnavailable as exc:
+            cause = exc.__cause__ or exc
+            log.warning("sweeping expired sessions failed, again after %d more: %s", self.SWEEP_EVERY, cause)
 
     async def rotate(
         self, token_hash: bytes, new_hash: bytes, *, now: datetime, expires_at: datetime
@@ -622,12 +651,17 @@ class PostgresSignIn:
     async def _sign_in_known(self, batch: list[tuple[_Opening, trace.SpanContext]]) -> list[DictRow | None]:
         openings = [opening for opening, _ in batch]
         params = {"sign_ins": msgspec.json.encode(openings).decode()}
+        self.sessions.sweep_apart_when_due(openings[0].opened_at, len(openings))
         async with self.users.db.connection() as conn:
-            await self.sessions.sweep_when_due(conn, openings[0].opened_at, len(openings))
             spans = [span for _, span in batch]
             rows = await _SIGN_IN_KNOWN_STATEMENT.fetchall(conn, params, for_spans=spans)
         found = {row["phone_number"]: row for row in rows}
         return [found.get(opening.phone) for opening in openings]
+
+    async def drain(self) -> None:
+        """Wait for the batch in flight, and a sweep it started (on shutdown)."""
+        await self._known.drain()
+        await self.sessions.drain()
 
     async def _sign_in_new(self, phone: str, *, name: str, role: Role, session: NewSession) -> DictRow | None:
         params = {
