@@ -576,8 +576,7 @@ WITH input AS (
         phone text, session_id text, token_hash text, opened_at timestamptz, expires_at timestamptz
     )
 ), signed AS (
-    SELECT s.*, {", ".join(f"u.{column}" for column in _USER_COLUMNS.split(", "))}
-    FROM input s JOIN users u ON u.phone_number = s.phone
+    SELECT s.*, u.* FROM input s JOIN users u ON u.phone_number = s.phone
 ), session AS (
     INSERT INTO sessions (id, user_id, token_hash, created_at, expires_at)
     SELECT session_id, id, decode(token_hash, 'hex'), opened_at, expires_at FROM signed WHERE is_active
@@ -650,10 +649,10 @@ class PostgresSignIn:
 
     async def _sign_in_known(self, batch: list[tuple[_Opening, trace.SpanContext]]) -> list[DictRow | None]:
         openings = [opening for opening, _ in batch]
+        spans = [span for _, span in batch]
         params = {"sign_ins": msgspec.json.encode(openings).decode()}
         self.sessions.sweep_apart_when_due(openings[0].opened_at, len(openings))
         async with self.users.db.connection() as conn:
-            spans = [span for _, span in batch]
             rows = await _SIGN_IN_KNOWN_STATEMENT.fetchall(conn, params, for_spans=spans)
         found = {row["phone_number"]: row for row in rows}
         return [found.get(opening.phone) for opening in openings]
